@@ -1,0 +1,73 @@
+"""ClientApp: train the received adapter on the node's private partition; send back only the adapter.
+
+The base model stays cached in the worker process (:mod:`fedlora.runtime`);
+each message overwrites the whole adapter with the one received, trains
+``train.local-steps`` steps with a fresh optimizer at the round's learning rate,
+and replies with the adapter tensors and ``num-examples`` / ``train-loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import runtime
+from fedlora.adapter import adapter_state, load_adapter_state
+from fedlora.config import from_run_config
+from fedlora.training import evaluate, make_optimizer, round_lr, train_steps
+from fedlora.wire import from_record, to_record
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    """The node's ``partition-id`` and ``num-partitions`` from its node config."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f'node config lacks {err}; start the SuperNode with --node-config "partition-id=<i> num-partitions=<n>"'
+        ) from None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training."""
+    cfg = from_run_config(context.run_config)
+    partition_id, num_partitions = _partition(context)
+    bench = runtime.workbench(cfg)
+    train_set, _ = runtime.client_sets(cfg, partition_id, num_partitions)
+    load_adapter_state(bench.model, from_record(msg.content["arrays"]))
+
+    server_round = int(msg.content["config"]["server-round"])
+    seed = cfg.run.seed + 7919 * server_round + 104729 * partition_id  # dropout and batch order
+    torch.manual_seed(seed)
+    lr = round_lr(server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
+    params = [p for p in bench.model.parameters() if p.requires_grad]
+    loss = train_steps(
+        bench.model,
+        bench.loader(train_set, cfg.train.batch_size, seed=seed),
+        cfg.train.local_steps,
+        make_optimizer(params, cfg.train, lr),
+        cfg.train.max_grad_norm,
+    )
+    content = RecordDict(
+        {
+            "arrays": to_record(adapter_state(bench.model), cfg.wire.dtype),
+            "metrics": MetricRecord({"num-examples": len(train_set), "train-loss": loss}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_adapter(msg: Message, context: Context) -> Message:
+    """Evaluate the received adapter on the node's validation split."""
+    cfg = from_run_config(context.run_config)
+    partition_id, num_partitions = _partition(context)
+    bench = runtime.workbench(cfg)
+    _, val_set = runtime.client_sets(cfg, partition_id, num_partitions)
+    load_adapter_state(bench.model, from_record(msg.content["arrays"]))
+    metrics = evaluate(bench.model, bench.loader(val_set, cfg.eval.batch_size), bench.task)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""fedlora: federated LoRA fine-tuning on Flower; the library behind the apps."""

@@ -1,0 +1,123 @@
+"""Aggregation math for low-rank adapters, as pure functions on tensors.
+
+Strategies in ``strategies/`` are thin Flower glue around these; a custom
+strategy can call them directly.
+
+Why two averages. A LoRA layer adds ``s·B·A`` to a frozen weight (``B``: d×r,
+``A``: r×k, ``s = alpha/r``). Averaging the factors separately (FedIT) gives
+``s·mean(B)·mean(A)``, which is *not* the average of the clients' updates
+``s·mean(B·A)``: the cross terms ``B_i·A_j`` creep in. The exact average has rank
+up to the sum of the clients' ranks; :func:`product_average` computes it and
+re-factorises it to rank ``r`` with the best rank-``r`` approximation
+(Eckart-Young), without ever forming the dense d×k matrix: it only factorises
+the stacked factors (QR) and takes an SVD of the small core.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def normalized_weights(weights: Sequence[float]) -> list[float]:
+    """Weights scaled to sum to 1; they must be finite, non-negative and not all zero."""
+    if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"aggregation weights must be finite, non-negative and not all zero: {list(weights)}")
+    total = float(sum(weights))
+    return [w / total for w in weights]
+
+
+def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Σ p_k · t_k in float32, with p the normalised weights."""
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"cannot average tensors of different shapes: {sorted(shapes)}")
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for tensor, p in zip(tensors, normalized_weights(weights), strict=True):
+        out += p * tensor.float()
+    return out
+
+
+def average_states(
+    states: Sequence[Mapping[str, Tensor]], weights: Sequence[float], keys: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """Key-wise weighted average of state dicts (all of ``keys``, default the first state's keys)."""
+    keys = list(states[0]) if keys is None else keys
+    return {key: weighted_average([s[key] for s in states], weights) for key in keys}
+
+
+def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Map each LoRA layer to its ``(A key, B key)`` in a peft adapter state dict.
+
+    ``base_model.model.x.q_proj.lora_A.weight`` and ``...lora_B.weight`` pair
+    under ``base_model.model.x.q_proj``. A layer with only one factor present
+    is an error: it cannot be product-averaged.
+    """
+    a_layers = {k[: -len(LORA_A)] for k in keys if k.endswith(LORA_A)}
+    b_layers = {k[: -len(LORA_B)] for k in keys if k.endswith(LORA_B)}
+    if a_layers != b_layers:
+        unpaired = sorted(a_layers ^ b_layers)
+        raise ValueError(f"LoRA layers with only one factor: {unpaired}")
+    return {layer: (layer + LORA_A, layer + LORA_B) for layer in sorted(a_layers)}
+
+
+@dataclass(frozen=True)
+class Refactorized:
+    """A rank-``r`` factorisation ``B·A`` of an averaged update."""
+
+    b: Tensor  # d × r
+    a: Tensor  # r × k
+    singular_values: Tensor  # all singular values of the exact average, descending
+    truncation_error: float  # ‖exact − B·A‖_F / ‖exact‖_F (0 when nothing was cut)
+
+
+def product_average(
+    bs: Sequence[Tensor],
+    as_: Sequence[Tensor],
+    weights: Sequence[float],
+    rank: int,
+    scalings: Sequence[float] | None = None,
+    out_scaling: float = 1.0,
+) -> Refactorized:
+    """Best rank-``rank`` factors of the exact weighted average of the clients' updates.
+
+    Computes ``B·A ≈ (Σ_k p_k · s_k · B_k·A_k) / out_scaling`` where ``p`` are
+    the normalised ``weights`` and ``s_k`` the clients' LoRA scalings (all 1 by
+    default: with equal scalings they cancel against ``out_scaling``). Client
+    ranks may differ. With Σ_k rank_k ≤ ``rank`` the result is exact.
+
+    The dense d×k update is never formed: stacking ``B̃ = [p_1 s_1 B_1, …]``
+    (d×R) and ``Ã = [A_1; …]`` (R×k), ``B̃ = Q_b R_b`` and ``Ãᵀ = Q_a R_a`` give
+    ``B̃·Ã = Q_b (R_b R_aᵀ) Q_aᵀ``; the SVD of the small core ``R_b R_aᵀ`` is the
+    SVD of the average. Cost O((d + k)·R²). The kept singular values are split
+    evenly (√σ) between the new ``B`` and ``A``. Singular directions beyond the
+    average's true rank come out as zero rows/columns, which padding keeps shaped.
+    """
+    if not (len(bs) == len(as_) == len(weights)) or not bs:
+        raise ValueError(f"need one B, one A and one weight per client, got {len(bs)}, {len(as_)}, {len(weights)}")
+    scalings = [1.0] * len(bs) if scalings is None else list(scalings)
+    for i, (b, a) in enumerate(zip(bs, as_, strict=True)):
+        if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"client {i}: B {tuple(b.shape)} and A {tuple(a.shape)} are not d×r and r×k factors")
+    p = normalized_weights(weights)
+    coefficients = [pk * sk / out_scaling for pk, sk in zip(p, scalings, strict=True)]
+    b_stack = torch.cat([b.double() * c for b, c in zip(bs, coefficients, strict=True)], dim=1)
+    a_stack = torch.cat([a.double() for a in as_], dim=0)
+    q_b, r_b = torch.linalg.qr(b_stack)
+    q_a, r_a = torch.linalg.qr(a_stack.T)
+    u, sigma, vh = torch.linalg.svd(r_b @ r_a.T)
+    keep = min(rank, sigma.numel())
+    root = sigma[:keep].sqrt()
+    b_new = torch.zeros(b_stack.shape[0], rank, dtype=torch.float64)
+    a_new = torch.zeros(rank, a_stack.shape[1], dtype=torch.float64)
+    b_new[:, :keep] = (q_b @ u[:, :keep]) * root
+    a_new[:keep] = root[:, None] * (vh[:keep] @ q_a.T)
+    total = float(sigma.square().sum())
+    error = math.sqrt(float(sigma[keep:].square().sum()) / total) if total > 0 else 0.0
+    return Refactorized(b=b_new.float(), a=a_new.float(), singular_values=sigma.float(), truncation_error=error)

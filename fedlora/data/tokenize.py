@@ -1,0 +1,64 @@
+"""Tokenisation for the two tasks, and the collators that batch them.
+
+Causal LM: the example becomes a chat (user = ``prompt``, assistant = ``response``)
+through the tokenizer's own chat template, and only the answer's tokens carry a
+label, so the model learns to answer rather than to repeat the question.
+Classification: ``text`` with its ``label``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from fedlora.models import CLASSIFICATION
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+
+
+def _chat_texts(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[str, str]:
+    """(prompt part, full text) in the model's chat format; a plain format if it has none."""
+    if tokenizer.chat_template is None:
+        head = f"{prompt}\n"
+        return head, head + response + (tokenizer.eos_token or "")
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
+    return head, full
+
+
+def _lm_example(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        head, full = _chat_texts(tokenizer, row["prompt"], row["response"])
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+        labels = [IGNORE_INDEX] * min(len(head_ids), len(ids)) + ids[len(head_ids) :]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    return encode
+
+
+def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int) -> Dataset:
+    """Tokenise for ``task``; causal-LM examples whose answer is cut off entirely are dropped."""
+    if task == CLASSIFICATION:
+        encoded = dataset.map(
+            lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+            batched=True,
+        )
+        encoded = encoded.rename_column("label", "labels")
+    else:
+        encoded = dataset.map(_lm_example(tokenizer, max_length))
+        # Predicting token t+1 needs a label after the first position.
+        encoded = encoded.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]))
+    keep = {"input_ids", "attention_mask", "labels"}
+    return encoded.remove_columns([c for c in encoded.column_names if c not in keep])
+
+
+def collator(tokenizer: PreTrainedTokenizerBase, task: str) -> Callable[[list[dict[str, Any]]], Any]:
+    """Pad a list of tokenised examples into a batch of tensors (labels padded with -100)."""
+    if task == CLASSIFICATION:
+        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")

@@ -1,0 +1,66 @@
+"""What a run leaves behind: ``metrics.json`` (rewritten atomically every round) and the adapter folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.common.logger import log
+from peft import PeftModel
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
+
+
+class RoundReport:
+    """Per-round metrics, flushed to ``metrics.json`` after each round, with progress logging."""
+
+    def __init__(self, path: Path, num_rounds: int) -> None:
+        self.path = path
+        self.num_rounds = num_rounds
+        self.rounds: list[dict[str, Any]] = []
+        self._started = self._last = time.monotonic()
+
+    def add(self, server_round: int, entry: dict[str, Any]) -> None:
+        """Record round ``server_round`` (0 is the initial evaluation), write the file, log progress."""
+        now = time.monotonic()
+        entry = {"round": server_round, "round-time-s": round(now - self._last, 3), **entry}
+        self._last = now
+        self.rounds.append(entry)
+        _atomic_write(self.path, json.dumps({"rounds": self.rounds}, indent=2) + "\n")
+        log(INFO, "%s", self._progress(server_round, entry, now))
+
+    def _progress(self, server_round: int, entry: dict[str, Any], now: float) -> str:
+        central = entry.get("server-eval", {})
+        parts = [f"round {server_round}/{self.num_rounds}"]
+        if server_round:
+            elapsed = now - self._started
+            eta = elapsed / server_round * (self.num_rounds - server_round)
+            parts.append(f"{entry['round-time-s']:.1f}s (ETA {eta:.0f}s)")
+        if "train-loss" in entry.get("train", {}):
+            parts.append(f"train-loss {entry['train']['train-loss']:.4f}")
+        parts += [f"{k} {v:.4f}" for k, v in central.items() if k != "num-examples"]
+        if "bytes-up" in entry:
+            parts.append(f"up {entry['bytes-up'] / 1e6:.2f} MB, down {entry['bytes-down'] / 1e6:.2f} MB")
+        return " | ".join(parts)
+
+
+def save_adapter(model: PeftModel, folder: Path) -> None:
+    """``model.save_pretrained(folder)``, replacing an earlier adapter only once the new one is complete."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    partial.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""What a process keeps between messages: the base model with its adapter, and tokenised data.
+
+In simulation, Flower runs every virtual client of a worker in one long-lived
+Ray actor, so a module-level cache loads the base once per worker rather than
+once per client per round. A client's identity lives only in the adapter state
+it receives, which :func:`fedlora.adapter.load_adapter_state` overwrites whole
+before every use, so cached models never carry one client's state into another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.adapter import build_adapter_model
+from fedlora.config import RunConfig
+from fedlora.data.federated import client_partition, server_and_pool
+from fedlora.data.tokenize import collator, tokenize
+from fedlora.models import CLASSIFICATION, load_base_model, load_tokenizer, model_dir, resolve_task
+from fedlora.training import make_loader
+
+# Progress bars from every worker would drown the per-round log.
+datasets.disable_progress_bars()
+transformers.utils.logging.disable_progress_bar()
+
+_CACHE: dict[tuple[Any, ...], Any] = {}
+load_counts: dict[str, int] = {"model": 0}  # how often a base model was loaded in this process
+
+
+def _cached(key: tuple[Any, ...], build: Any) -> Any:
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+@dataclass
+class Workbench:
+    """A base model wrapped with the run's adapter, and how to feed it."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    task: str
+
+    def loader(self, dataset: Dataset, batch_size: int, seed: int | None = None) -> DataLoader:
+        """Padded batches of a tokenised ``dataset`` (shuffled when ``seed`` is given)."""
+        return make_loader(dataset, collator(self.tokenizer, self.task), batch_size, seed)
+
+
+def workbench(cfg: RunConfig) -> Workbench:
+    """The process-wide model for ``cfg`` (built on first use; the adapter starts from ``run.seed``)."""
+    task = resolve_task(cfg.model.name, cfg.model.task)
+    num_labels = _split(cfg)[1].features["label"].num_classes if task == CLASSIFICATION else 0
+
+    def build() -> Workbench:
+        path = model_dir(cfg.model.name, cfg.model.cache_dir)
+        tokenizer = load_tokenizer(path)
+        torch.manual_seed(cfg.run.seed)  # same fresh head and initial adapter on every party
+        base = load_base_model(path, task, num_labels)
+        load_counts["model"] += 1
+        return Workbench(build_adapter_model(base, cfg.adapter, task), tokenizer, task)
+
+    return _cached(("model", cfg.model, cfg.adapter, task, num_labels, cfg.run.seed), build)
+
+
+def _split(cfg: RunConfig) -> tuple[Dataset, Dataset]:
+    return _cached(("split", cfg.data, cfg.run.seed), lambda: server_and_pool(cfg.data, cfg.run.seed))
+
+
+def _tokenized(cfg: RunConfig, dataset: Dataset) -> Dataset:
+    bench = workbench(cfg)
+    return tokenize(dataset, bench.tokenizer, bench.task, cfg.train.max_length)
+
+
+def test_set(cfg: RunConfig) -> Dataset:
+    """The server's held-out test split, tokenised."""
+    return _cached(
+        ("test", cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length), lambda: _tokenized(cfg, _split(cfg)[0])
+    )
+
+
+def client_sets(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset]:
+    """Client ``partition_id``'s tokenised (train, validation) sets."""
+
+    def build() -> tuple[Dataset, Dataset]:
+        train, val = client_partition(cfg.data, _split(cfg)[1], partition_id, num_partitions, cfg.run.seed)
+        return _tokenized(cfg, train), _tokenized(cfg, val)
+
+    key = ("client", cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length, partition_id, num_partitions)
+    return _cached(key, build)

@@ -1,0 +1,96 @@
+"""Local training and evaluation loops.
+
+Kept as two small loops rather than ``transformers.Trainer``: a federated round
+is a handful of steps on an already-loaded model, and the Trainer's set-up per
+call would cost more than the steps themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from fedlora.config import TrainSettings
+from fedlora.models import CLASSIFICATION
+
+
+def round_lr(server_round: int, num_rounds: int, lr: float, lr_min: float) -> float:
+    """Cosine decay over server rounds: ``lr`` in round 1, ``lr_min`` in the last (as in FlowerTune)."""
+    progress = (server_round - 1) / max(num_rounds - 1, 1)
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_loader(
+    dataset: Dataset, collate: Callable[[list[dict[str, Any]]], Any], batch_size: int, seed: int | None = None
+) -> DataLoader:
+    """Batches of ``dataset``; shuffled with a seeded generator when ``seed`` is given."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset.with_format("python"),
+        batch_size=batch_size,
+        shuffle=seed is not None,
+        generator=generator,
+        collate_fn=collate,
+    )
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
+    """The configured local optimizer over the trainable parameters."""
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+
+
+def train_steps(
+    model: torch.nn.Module, loader: DataLoader, steps: int, optimizer: torch.optim.Optimizer, max_grad_norm: float
+) -> float:
+    """Run ``steps`` optimizer steps (cycling through ``loader``); return the mean training loss."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    for batch in itertools.islice(itertools.cycle(loader), steps):
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str, float]:
+    """Loss and accuracy (classification) or perplexity (causal LM, over answer tokens).
+
+    The causal-LM loss is averaged over answer tokens of the whole set, not per
+    batch, so it does not depend on the batch size.
+    """
+    model.eval()
+    total_loss, total_count, correct, examples = 0.0, 0, 0, 0
+    for batch in loader:
+        out = model(**batch)
+        labels = batch["labels"]
+        if task == CLASSIFICATION:
+            count = labels.numel()
+            correct += int((out.logits.argmax(-1) == labels).sum())
+        else:
+            count = int((labels[:, 1:] != -100).sum())  # tokens the shifted loss averaged over
+        total_loss += out.loss.item() * count
+        total_count += count
+        examples += labels.shape[0]
+    loss = total_loss / max(total_count, 1)
+    metrics = {"eval-loss": loss, "num-examples": examples}
+    if task == CLASSIFICATION:
+        metrics["eval-accuracy"] = correct / max(examples, 1)
+    else:
+        metrics["eval-perplexity"] = math.exp(min(loss, 50.0))
+    return metrics

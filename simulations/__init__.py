@@ -1,0 +1,1 @@
+"""Runnable simulations and benchmarks of fedlora."""

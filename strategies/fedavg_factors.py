@@ -1,0 +1,25 @@
+"""FedAvg over the adapter factors (FedIT; the FlowerTune baseline).
+
+Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning"
+(FedIT), ICASSP 2024, https://arxiv.org/abs/2305.05644. Every tensor, A and B
+alike, is averaged on its own, weighted by ``num-examples``. Cheap and simple,
+but the global update ``mean(B)·mean(A)`` differs from the mean of the clients'
+updates ``mean(B·A)``; :class:`strategies.fedavg_products.FedAvgProducts` is exact.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fedlora.aggregation import average_states
+from strategies.base import AdapterStrategy
+
+
+class FedAvgFactors(AdapterStrategy):
+    """Weighted average of every adapter tensor, factor by factor."""
+
+    def aggregate_states(
+        self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
+    ) -> dict[str, Tensor]:
+        """Key-wise weighted mean."""
+        return average_states(states, weights)
