@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from fedlora import runtime
 from fedlora.adapter import adapter_state, load_adapter_state
 from fedlora.config import from_run_config
-from fedlora.training import evaluate, make_optimizer, round_lr, train_steps
+from fedlora.training import evaluate, round_lr, train_steps
 from fedlora.wire import from_record, to_record
 
 app = ClientApp()
@@ -44,12 +44,11 @@ def train(msg: Message, context: Context) -> Message:
     seed = cfg.run.seed + 7919 * server_round + 104729 * partition_id  # dropout and batch order
     torch.manual_seed(seed)
     lr = round_lr(server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
-    params = [p for p in bench.model.parameters() if p.requires_grad]
     loss = train_steps(
         bench.model,
         bench.loader(train_set, cfg.train.batch_size, seed=seed),
         cfg.train.local_steps,
-        make_optimizer(params, cfg.train, lr),
+        bench.method.optimizer(bench.model, cfg, lr),
         cfg.train.max_grad_norm,
     )
     content = RecordDict(

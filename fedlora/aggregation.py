@@ -16,13 +16,13 @@ the stacked factors (QR) and takes an SVD of the small core.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:
@@ -52,19 +52,23 @@ def average_states(
     return {key: weighted_average([s[key] for s in states], weights) for key in keys}
 
 
-def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Map each LoRA layer to its ``(A key, B key)`` in a peft adapter state dict.
+def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Map each LoRA layer whose two factors are both present to its ``(A key, B key)``.
 
-    ``base_model.model.x.q_proj.lora_A.weight`` and ``...lora_B.weight`` pair
-    under ``base_model.model.x.q_proj``. A layer with only one factor present
-    is an error: it cannot be product-averaged.
+    ``….q_proj.lora_A.default.weight`` pairs with ``….q_proj.lora_B.default.weight``
+    under the layer ``….q_proj.default``. A lone factor (LoRA-FA sends only B)
+    is not a pair: it is averaged like any other tensor, which for a shared,
+    frozen A is the exact average of the products.
     """
-    a_layers = {k[: -len(LORA_A)] for k in keys if k.endswith(LORA_A)}
-    b_layers = {k[: -len(LORA_B)] for k in keys if k.endswith(LORA_B)}
-    if a_layers != b_layers:
-        unpaired = sorted(a_layers ^ b_layers)
-        raise ValueError(f"LoRA layers with only one factor: {unpaired}")
-    return {layer: (layer + LORA_A, layer + LORA_B) for layer in sorted(a_layers)}
+    keys = set(keys)
+    pairs = {}
+    for a_key in sorted(k for k in keys if LORA_A in k):
+        b_key = a_key.replace(LORA_A, LORA_B)
+        if b_key in keys:
+            module, suffix = a_key.split(LORA_A, 1)
+            adapter = suffix.removesuffix("weight").rstrip(".")
+            pairs[f"{module}.{adapter}" if adapter else module] = (a_key, b_key)
+    return pairs
 
 
 @dataclass(frozen=True)

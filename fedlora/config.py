@@ -22,8 +22,13 @@ class ConfigError(ValueError):
     """A run-config key is unknown, missing its expected type or out of range."""
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus")
+PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] = (), methods: tuple[str, ...] = ()) -> Any:
+    """A run-config option; ``methods`` lists the adapter methods it applies to (empty: all)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "methods": methods})
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,61 @@ class DataSettings:
 class AdapterSettings:
     """The trainable adapter: the only tensors that travel."""
 
-    method: str = _opt("lora", "Adapter method.", ("lora",))
-    r: int = _opt(8, "LoRA rank.")
-    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = _opt(0.05, "Dropout on the LoRA input during training.")
+    method: str = _opt(
+        "lora",
+        "Adapter method (see docs/methods.md): `lora`; `qlora` (LoRA on a 4-bit NF4 base); `dora` (weight-"
+        "decomposed LoRA); `lora-fa` (A frozen and shared, only B trains and travels); `loraplus` (B learns "
+        "`loraplus.lr-ratio` times faster than A); `vera` (shared frozen random matrices, only scaling "
+        "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens).",
+        (*LORA_FAMILY, "vera", *PROMPT_METHODS),
+    )
+    r: int = _opt(8, "Rank of the low-rank update (LoRA family and VeRA).", methods=(*LORA_FAMILY, "vera"))
+    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r.", methods=LORA_FAMILY)
+    dropout: float = _opt(0.05, "Dropout on the adapter input during training.", methods=(*LORA_FAMILY, "vera"))
     target_modules: str = _opt(
         "",
         "Comma-separated module names to adapt; empty uses peft's default for the architecture "
         "(q_proj,v_proj for Llama; query,value for BERT).",
+        methods=(*LORA_FAMILY, "vera"),
+    )
+
+
+@dataclass(frozen=True)
+class QLoraSettings:
+    """The 4-bit base of ``adapter.method='qlora'`` (bitsandbytes)."""
+
+    double_quant: bool = _opt(
+        True, "Quantise the quantisation constants too (saves ~0.4 bit/param).", methods=("qlora",)
+    )
+    compute_dtype: str = _opt(
+        "float32",
+        "Dtype the 4-bit weights are de-quantised to for matmuls.",
+        ("float32", "bfloat16", "float16"),
+        methods=("qlora",),
+    )
+
+
+@dataclass(frozen=True)
+class LoraPlusSettings:
+    """LoRA+ learning rates (``adapter.method='loraplus'``)."""
+
+    lr_ratio: float = _opt(16.0, "Learning rate of B divided by that of A.", methods=("loraplus",))
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Virtual tokens of the prompt methods."""
+
+    num_virtual_tokens: int = _opt(16, "Virtual tokens prepended to every input.", methods=PROMPT_METHODS)
+    encoder_hidden_size: int = _opt(
+        128,
+        "Hidden size of P-tuning's MLP encoder and of the prefix projection.",
+        methods=("p-tuning", "prefix-tuning"),
+    )
+    prefix_projection: bool = _opt(
+        False,
+        "Prefix tuning: train the prefix through an MLP (P-tuning v2 reparameterisation).",
+        methods=("prefix-tuning",),
     )
 
 
@@ -147,6 +199,9 @@ class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    qlora: QLoraSettings = field(default_factory=QLoraSettings)
+    loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     wire: WireSettings = field(default_factory=WireSettings)
@@ -200,7 +255,19 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     factories = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**{name: factories[name](**kw) for name, kw in sections.items()})
     _check_ranges(cfg)
+    _check_applies(cfg, run_config)
     return cfg
+
+
+def _check_applies(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
+    """A method-specific option changed from its default must apply to the chosen method."""
+    method = cfg.adapter.method
+    for key, opt in iter_options():
+        methods = opt.metadata["methods"]
+        if methods and method not in methods and run_config.get(key, opt.default) != opt.default:
+            raise ConfigError(
+                f"run-config key '{key}' does not apply to adapter.method='{method}' (only to {', '.join(methods)})"
+            )
 
 
 def _check_ranges(cfg: RunConfig) -> None:
@@ -223,6 +290,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         "train.weight-decay": cfg.train.weight_decay >= 0,
         "train.max-grad-norm": cfg.train.max_grad_norm >= 0,
         "train.max-length": cfg.train.max_length >= 8,
+        "loraplus.lr-ratio": cfg.loraplus.lr_ratio >= 1,
+        "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
+        "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "eval.batch-size": cfg.eval.batch_size >= 1,
     }
     bad = [key for key, ok in checks.items() if not ok]
@@ -252,6 +322,8 @@ def markdown_reference() -> str:
         meaning = opt.metadata["help"]
         if opt.metadata["choices"]:
             meaning += " One of: " + ", ".join(f"`{c}`" for c in opt.metadata["choices"]) + "."
+        if opt.metadata["methods"]:
+            meaning += " Applies to: " + ", ".join(f"`{m}`" for m in opt.metadata["methods"]) + "."
         lines.append(f"| `{key}` | `{opt.default!r}` | {meaning} |")
     return "\n".join(lines) + "\n"
 

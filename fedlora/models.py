@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -104,13 +105,24 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(path: Path, task: str, num_labels: int) -> PreTrainedModel:
-    """Load the frozen base in float32 for ``task`` (a fresh head of ``num_labels`` for classification)."""
+def device() -> torch.device:
+    """Where models run: the first GPU if there is one, else the CPU."""
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def load_base_model(
+    path: Path, task: str, num_labels: int, quantization: BitsAndBytesConfig | None = None
+) -> PreTrainedModel:
+    """Load the frozen base for ``task`` on :func:`device` (a fresh head of ``num_labels`` for classification).
+
+    Weights are float32 unless ``quantization`` (bitsandbytes) says otherwise.
+    """
+    kwargs = {"dtype": torch.float32, "quantization_config": quantization, "device_map": {"": device()}}
     try:
         if task == CLASSIFICATION:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelNotFoundError(f"cannot read the model at {path}: {err}") from err
     if model.config.pad_token_id is None:

@@ -24,7 +24,8 @@ from fedlora.adapter import build_adapter_model
 from fedlora.config import RunConfig
 from fedlora.data.federated import client_partition, server_and_pool
 from fedlora.data.tokenize import collator, tokenize
-from fedlora.models import CLASSIFICATION, load_base_model, load_tokenizer, model_dir, resolve_task
+from fedlora.methods import AdapterMethod, get_method
+from fedlora.models import CLASSIFICATION, load_tokenizer, model_dir, resolve_task
 from fedlora.training import make_loader
 
 # Progress bars from every worker would drown the per-round log.
@@ -48,6 +49,7 @@ class Workbench:
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     task: str
+    method: AdapterMethod
 
     def loader(self, dataset: Dataset, batch_size: int, seed: int | None = None) -> DataLoader:
         """Padded batches of a tokenised ``dataset`` (shuffled when ``seed`` is given)."""
@@ -60,14 +62,16 @@ def workbench(cfg: RunConfig) -> Workbench:
     num_labels = _split(cfg)[1].features["label"].num_classes if task == CLASSIFICATION else 0
 
     def build() -> Workbench:
+        method = get_method(cfg.adapter.method)
         path = model_dir(cfg.model.name, cfg.model.cache_dir)
         tokenizer = load_tokenizer(path)
-        torch.manual_seed(cfg.run.seed)  # same fresh head and initial adapter on every party
-        base = load_base_model(path, task, num_labels)
+        torch.manual_seed(cfg.run.seed)  # same head, adapter and shared frozen parts on every party
+        base = method.load_base(path, task, num_labels, cfg)
         load_counts["model"] += 1
-        return Workbench(build_adapter_model(base, cfg.adapter, task), tokenizer, task)
+        return Workbench(build_adapter_model(base, cfg, task), tokenizer, task, method)
 
-    return _cached(("model", cfg.model, cfg.adapter, task, num_labels, cfg.run.seed), build)
+    key = ("model", cfg.model, cfg.adapter, cfg.qlora, cfg.prompt, task, num_labels, cfg.run.seed)
+    return _cached(key, build)
 
 
 def _split(cfg: RunConfig) -> tuple[Dataset, Dataset]:

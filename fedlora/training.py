@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,6 +40,10 @@ def make_loader(
     )
 
 
+def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
     """The configured local optimizer over the trainable parameters."""
     if settings.optimizer == "sgd":
@@ -53,9 +57,10 @@ def train_steps(
     """Run ``steps`` optimizer steps (cycling through ``loader``); return the mean training loss."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     losses = []
     for batch in itertools.islice(itertools.cycle(loader), steps):
-        loss = model(**batch).loss
+        loss = model(**_to(batch, device)).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
         loss.backward()
@@ -75,8 +80,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str,
     batch, so it does not depend on the batch size.
     """
     model.eval()
+    device = next(model.parameters()).device
     total_loss, total_count, correct, examples = 0.0, 0, 0, 0
     for batch in loader:
+        batch = _to(batch, device)
         out = model(**batch)
         labels = batch["labels"]
         if task == CLASSIFICATION:

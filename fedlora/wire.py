@@ -1,10 +1,10 @@
 """What travels: adapter tensors as a Flower ``ArrayRecord``.
 
-Keys are peft's adapter state-dict keys, exactly those of the
-``adapter_model.safetensors`` that ``save_pretrained`` writes (for example
-``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), so a
-message and a saved adapter use one vocabulary. Values are tensors in the
-transport dtype; receivers always get float32 back.
+Keys are the names of the model's trainable parameters (for example
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``; see
+:mod:`fedlora.adapter`), identical on every party because every party builds the
+same model. Values are tensors in the transport dtype; receivers always get
+float32 back.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     """Environment for an offline local simulation with its own Flower home."""
     return {
         **os.environ,
+        # `flwr run` starts `flower-superlink` by name: find it beside this interpreter.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

@@ -30,7 +30,7 @@ class FedAvgProducts(AdapterStrategy):
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
     ) -> dict[str, Tensor]:
         """Product-average every LoRA layer; average every other tensor."""
-        pairs = lora_pairs(list(self.global_state))
+        pairs = lora_pairs(self.global_state)
         factor_keys = {key for pair in pairs.values() for key in pair}
         other_keys = [key for key in self.global_state if key not in factor_keys]
         new_state = average_states(states, weights, other_keys)

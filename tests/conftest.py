@@ -19,12 +19,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template, saved as a model folder."""
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template, saved as a model folder.
+
+    Hidden size 64 is bitsandbytes' 4-bit block size, the smallest for which its CPU repacking happens.
+    """
     tokenizer = load_tokenizer(model_dir("smollm2"))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -98,10 +98,15 @@ def test_weighted_average_and_states() -> None:
 
 
 def test_lora_pairs() -> None:
-    keys = ["m.q.lora_A.weight", "m.q.lora_B.weight", "m.v.lora_A.weight", "m.v.lora_B.weight", "head.weight"]
+    keys = [
+        "m.q.lora_A.default.weight",
+        "m.q.lora_B.default.weight",
+        "m.v.lora_A.weight",
+        "m.v.lora_B.weight",
+        "m.k.lora_B.default.weight",
+        "head.weight",
+    ]
     assert lora_pairs(keys) == {
-        "m.q": ("m.q.lora_A.weight", "m.q.lora_B.weight"),
+        "m.q.default": ("m.q.lora_A.default.weight", "m.q.lora_B.default.weight"),
         "m.v": ("m.v.lora_A.weight", "m.v.lora_B.weight"),
-    }
-    with pytest.raises(ValueError, match="only one factor"):
-        lora_pairs(["m.q.lora_A.weight"])
+    }  # a lone factor (LoRA-FA's B) is no pair

@@ -1,0 +1,32 @@
+"""Adapter methods, one module per method, selected by ``adapter.method``.
+
+Each is a small class over a peft config (see :class:`fedlora.methods.base.AdapterMethod`);
+adding a method means adding a module here and its name to the registry below,
+never editing the apps or the strategies.
+"""
+
+from __future__ import annotations
+
+from fedlora.methods.base import AdapterMethod
+from fedlora.methods.dora import Dora
+from fedlora.methods.lora import Lora
+from fedlora.methods.lora_fa import LoraFA
+from fedlora.methods.loraplus import LoraPlus
+from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning
+from fedlora.methods.qlora import QLora
+from fedlora.methods.vera import Vera
+
+METHODS: dict[str, AdapterMethod] = {
+    method.name: method
+    for method in (Lora(), QLora(), Dora(), LoraFA(), LoraPlus(), Vera(), PromptTuning(), PTuning(), PrefixTuning())
+}
+
+
+def get_method(name: str) -> AdapterMethod:
+    """The method registered as ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown adapter method '{name}'; expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "AdapterMethod", "get_method"]

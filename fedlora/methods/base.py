@@ -1,0 +1,59 @@
+"""What every adapter method provides, and the one rule the federation relies on.
+
+The rule: **the tensors that train are the tensors that travel.** After
+:meth:`AdapterMethod.freeze`, the parameters with ``requires_grad`` are exactly
+what a client sends and the server aggregates, keyed by their parameter names.
+Anything a method shares without sending (LoRA-FA's A, VeRA's random
+projections) is regenerated from the run's seed on every party.
+
+How tensors aggregate follows from their names, so strategies need no
+per-method code: a LoRA factor pair ``….lora_A.<adapter>.weight`` /
+``….lora_B.<adapter>.weight`` is one low-rank update that product-averaging
+strategies treat as such (:func:`fedlora.aggregation.lora_pairs`); every other
+tensor (a lone factor, a DoRA magnitude, VeRA's scaling vectors, virtual-token
+embeddings, a classification head) is averaged element-wise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from peft import PeftConfig, PeftModel, TaskType
+from transformers import PreTrainedModel
+
+from fedlora.config import RunConfig
+from fedlora.models import CLASSIFICATION, load_base_model
+from fedlora.training import make_optimizer
+
+
+def task_type(task: str) -> TaskType:
+    """The peft task type for a fedlora task."""
+    return TaskType.SEQ_CLS if task == CLASSIFICATION else TaskType.CAUSAL_LM
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train (and so travel)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class AdapterMethod:
+    """A method: its peft config, plus the hooks where it departs from plain LoRA training."""
+
+    name: ClassVar[str]
+
+    def peft_config(self, cfg: RunConfig, task: str) -> PeftConfig:
+        """The peft config that wraps the base model."""
+        raise NotImplementedError
+
+    def load_base(self, path: Path, task: str, num_labels: int, cfg: RunConfig) -> PreTrainedModel:
+        """The frozen base model (QLoRA quantises it here)."""
+        return load_base_model(path, task, num_labels)
+
+    def freeze(self, model: PeftModel) -> None:
+        """Freeze what peft leaves trainable but the method shares instead of training (default: nothing)."""
+
+    def optimizer(self, model: PeftModel, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
+        """The local optimizer for one round (default: ``train.optimizer`` over the trainable parameters)."""
+        return make_optimizer(trainable_parameters(model), cfg.train, lr)
