@@ -9,12 +9,13 @@ and replies with the adapter tensors and ``num-examples`` / ``train-loss``.
 from __future__ import annotations
 
 import torch
+from datasets import Dataset
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import runtime
 from fedlora.adapter import adapter_state, load_adapter_state
-from fedlora.config import from_run_config
+from fedlora.config import RunConfig, from_run_config
 from fedlora.training import evaluate, round_lr, train_steps
 from fedlora.wire import from_record, to_record
 
@@ -31,16 +32,22 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round of local training."""
+def _receive(msg: Message, context: Context) -> tuple[RunConfig, runtime.Workbench, Dataset, Dataset]:
+    """Config, the cached model with the received adapter loaded, and this node's (train, val) sets."""
     cfg = from_run_config(context.run_config)
     partition_id, num_partitions = _partition(context)
     bench = runtime.workbench(cfg)
-    train_set, _ = runtime.client_sets(cfg, partition_id, num_partitions)
+    train_set, val_set = runtime.client_sets(cfg, partition_id, num_partitions)
     load_adapter_state(bench.model, from_record(msg.content["arrays"]))
+    return cfg, bench, train_set, val_set
 
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training."""
+    cfg, bench, train_set, _ = _receive(msg, context)
     server_round = int(msg.content["config"]["server-round"])
+    partition_id, _ = _partition(context)
     seed = cfg.run.seed + 7919 * server_round + 104729 * partition_id  # dropout and batch order
     torch.manual_seed(seed)
     lr = round_lr(server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
@@ -63,10 +70,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on the node's validation split."""
-    cfg = from_run_config(context.run_config)
-    partition_id, num_partitions = _partition(context)
-    bench = runtime.workbench(cfg)
-    _, val_set = runtime.client_sets(cfg, partition_id, num_partitions)
-    load_adapter_state(bench.model, from_record(msg.content["arrays"]))
+    cfg, bench, _, val_set = _receive(msg, context)
     metrics = evaluate(bench.model, bench.loader(val_set, cfg.eval.batch_size), bench.task)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -33,7 +33,6 @@ datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
 
 _CACHE: dict[tuple[Any, ...], Any] = {}
-load_counts: dict[str, int] = {"model": 0}  # how often a base model was loaded in this process
 
 
 def _cached(key: tuple[Any, ...], build: Any) -> Any:
@@ -67,7 +66,6 @@ def workbench(cfg: RunConfig) -> Workbench:
         tokenizer = load_tokenizer(path)
         torch.manual_seed(cfg.run.seed)  # same head, adapter and shared frozen parts on every party
         base = method.load_base(path, task, num_labels, cfg)
-        load_counts["model"] += 1
         return Workbench(build_adapter_model(base, cfg, task), tokenizer, task, method)
 
     key = ("model", cfg.model, cfg.adapter, cfg.qlora, cfg.prompt, task, num_labels, cfg.run.seed)
