@@ -40,7 +40,18 @@ class RunSettings:
     fraction_evaluate: float = _opt(0.5, "Fraction of nodes sampled for client-side evaluation (0 turns it off).")
     min_train_nodes: int = _opt(2, "Minimum nodes per training round; the server waits for them to connect.")
     seed: int = _opt(42, "Seed for the data split, the initial adapter and client shuffling.")
-    output_dir: str = _opt("outputs", "Folder for metrics.json and the final adapter/ (created if missing).")
+    output_dir: str = _opt(
+        "outputs", "Folder for metrics.json, the round checkpoint/ and the final adapter/ (created if missing)."
+    )
+    resume: bool = _opt(
+        False, "Continue from `<output-dir>/checkpoint` (the last complete round) instead of starting afresh."
+    )
+    min_replies: int = _opt(
+        1, "Fewest valid training replies a round needs; with fewer, the global adapter stays as it was."
+    )
+    max_update_norm: float = _opt(
+        0.0, "Reject a reply whose update (L2 norm of received minus sent, over all tensors) exceeds this; 0: off."
+    )
 
 
 @dataclass(frozen=True)
@@ -276,6 +287,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         "fraction-train": 0.0 < cfg.run.fraction_train <= 1.0,
         "fraction-evaluate": 0.0 <= cfg.run.fraction_evaluate <= 1.0,
         "min-train-nodes": cfg.run.min_train_nodes >= 1,
+        "min-replies": cfg.run.min_replies >= 1,
+        "max-update-norm": cfg.run.max_update_norm >= 0,
         "data.dirichlet-alpha": cfg.data.dirichlet_alpha > 0,
         "data.max-examples": cfg.data.max_examples >= 0,
         "data.val-fraction": 0.0 < cfg.data.val_fraction < 1.0,

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ def _atomic_write(path: Path, text: str) -> None:
 class RoundReport:
     """Per-round metrics, flushed to ``metrics.json`` after each round, with progress logging."""
 
-    def __init__(self, path: Path, num_rounds: int) -> None:
+    def __init__(self, path: Path, num_rounds: int, rounds: list[dict[str, Any]] | None = None) -> None:
         self.path = path
         self.num_rounds = num_rounds
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = list(rounds or [])  # earlier rounds of a resumed run
+        self._first_round = self.rounds[-1]["round"] if self.rounds else 0  # where this process started
         self._started = self._last = time.monotonic()
 
     def add(self, server_round: int, entry: dict[str, Any]) -> None:
@@ -41,9 +43,9 @@ class RoundReport:
     def _progress(self, server_round: int, entry: dict[str, Any], now: float) -> str:
         central = entry.get("server-eval", {})
         parts = [f"round {server_round}/{self.num_rounds}"]
-        if server_round:
-            elapsed = now - self._started
-            eta = elapsed / server_round * (self.num_rounds - server_round)
+        done_here = server_round - self._first_round
+        if done_here > 0:
+            eta = (now - self._started) / done_here * (self.num_rounds - server_round)
             parts.append(f"{entry['round-time-s']:.1f}s (ETA {eta:.0f}s)")
         if "train-loss" in entry.get("train", {}):
             parts.append(f"train-loss {entry['train']['train-loss']:.4f}")
@@ -53,14 +55,23 @@ class RoundReport:
         return " | ".join(parts)
 
 
-def save_adapter(model: PeftModel, folder: Path) -> None:
-    """``model.save_pretrained(folder)``, replacing an earlier adapter only once the new one is complete."""
+def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a scratch folder, then swap it in for ``folder``: a crash leaves a complete folder.
+
+    Only in the instant between the two renames is there no ``folder``; then ``folder.old`` holds it.
+    """
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    partial.mkdir(parents=True)
+    write(partial)
     old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     partial.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model: PeftModel, folder: Path) -> None:
+    """``model.save_pretrained(folder)``, replacing an earlier adapter only once the new one is complete."""
+    write_folder(folder, model.save_pretrained)

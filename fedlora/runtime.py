@@ -9,6 +9,7 @@ before every use, so cached models never carry one client's state into another.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ transformers.utils.logging.disable_progress_bar()
 _CACHE: dict[tuple[Any, ...], Any] = {}
 
 
-def _cached(key: tuple[Any, ...], build: Any) -> Any:
+def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
     if key not in _CACHE:
         _CACHE[key] = build()
     return _CACHE[key]

@@ -35,52 +35,75 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     }
 
 
-def _cmdlines() -> dict[int, list[str]]:
-    lines = {}
+def _process_table() -> dict[int, tuple[int, str]]:
+    """Every process: pid -> (parent pid, command line)."""
+    table = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                lines[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                stat = (proc / "stat").read_text()
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
             except OSError:
                 continue
-    return lines
+            table[int(proc.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    return table
+
+
+def process_tree(roots: list[int]) -> list[int]:
+    """``roots`` and all their descendants."""
+    table = _process_table()
+    tree, frontier = list(roots), list(roots)
+    while frontier:
+        frontier = [pid for pid, (ppid, _) in table.items() if ppid in frontier]
+        tree += frontier
+    return tree
 
 
 def superlink_pids(flwr_home: Path | None = None) -> list[int]:
-    """PIDs of local SuperLinks and of the simulation processes they started.
+    """PIDs of local SuperLinks and of every process under them.
 
-    With ``flwr_home``, only the SuperLink keeping its state there. Its children
-    (``--parent-pid``) are included because they outlive a stopped SuperLink.
+    With ``flwr_home``, only the SuperLink keeping its state there. The simulation
+    process and its Ray workers are included: they outlive a SuperLink stopped alone.
     """
-    cmdlines = _cmdlines()
     marker = str(flwr_home / "local-superlink") if flwr_home else ""
-    links = [
-        pid
-        for pid, cmd in cmdlines.items()
-        if any(part.endswith("flower-superlink") for part in cmd) and marker in " ".join(cmd)
-    ]
-    children = [
-        pid
-        for pid, cmd in cmdlines.items()
-        if "--parent-pid" in cmd and cmd[cmd.index("--parent-pid") + 1 :][:1] in ([str(p)] for p in links)
-    ]
-    return links + children
+    links = [pid for pid, (_, cmd) in _process_table().items() if "bin/flower-superlink" in cmd and marker in cmd]
+    return process_tree(links)
 
 
-def stop_superlink(flwr_home: Path, timeout: float = 10.0) -> None:
-    """Terminate the local SuperLink of ``flwr_home`` (SIGTERM, then SIGKILL after ``timeout``)."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").is_file() and ") Z " not in Path(f"/proc/{pid}/stat").read_text()
+
+
+def stop_processes(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM ``pids``, then SIGKILL whatever is still alive after ``timeout`` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = superlink_pids(flwr_home)
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout
-        while superlink_pids(flwr_home) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not superlink_pids(flwr_home):
+        pids = [pid for pid in pids if _alive(pid)]
+        if not pids:
             return
+
+
+def stop_superlink(flwr_home: Path, timeout: float = 10.0) -> None:
+    """Stop the local SuperLink of ``flwr_home`` and everything it started."""
+    stop_processes(superlink_pids(flwr_home), timeout)
+
+
+def flwr_command(run_config: str = "", num_supernodes: int = 4) -> list[str]:
+    """The ``flwr run . --stream`` command line for ``run_config`` overrides."""
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream"]
+    cmd += ["--federation-config", f"num-supernodes={num_supernodes}"]
+    return cmd + (["--run-config", run_config] if run_config else [])
 
 
 def flwr_run(
@@ -92,22 +115,12 @@ def flwr_run(
 ) -> subprocess.CompletedProcess[str]:
     """``flwr run . --stream`` with ``run_config`` overrides; the SuperLink is stopped afterwards."""
     flwr_home = flwr_home or ROOT / ".flwr"
-    foreign = sorted(set(superlink_pids()) - set(superlink_pids(flwr_home)))
-    if foreign:
+    if foreign := sorted(set(superlink_pids()) - set(superlink_pids(flwr_home))):
         raise RuntimeError(
             f"another local Flower SuperLink is running (PID {', '.join(map(str, foreign))}) and holds the "
             "ports `flwr run` uses; stop it first (kill PID)"
         )
-    cmd = [
-        str(Path(sys.executable).parent / "flwr"),
-        "run",
-        str(ROOT),
-        "--stream",
-        "--federation-config",
-        f"num-supernodes={num_supernodes}",
-    ]
-    if run_config:
-        cmd += ["--run-config", run_config]
+    cmd = flwr_command(run_config, num_supernodes)
     try:
         return subprocess.run(
             cmd, env=flwr_env(flwr_home), cwd=ROOT, timeout=timeout, text=True, capture_output=capture, check=False

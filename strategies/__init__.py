@@ -26,6 +26,8 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
         wire_dtype=cfg.wire.dtype,
+        min_replies=cfg.run.min_replies,
+        max_update_norm=cfg.run.max_update_norm,
     )
 
 

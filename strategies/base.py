@@ -4,9 +4,12 @@
 metric aggregation) plus what adapters need:
 
 * every training reply is decoded and checked against the global adapter that
-  was sent (keys, shapes, dtype, finite values, a positive ``num-examples``);
-  a bad reply is excluded with a logged reason naming the node, and the round
-  goes on with the rest; with no good reply the global adapter stays as it was;
+  was sent (keys, shapes, dtype, finite values, a positive ``num-examples``,
+  optionally a bound on the update's norm); a bad reply is excluded with a
+  logged reason naming the node, and the round goes on with the rest; with
+  fewer than ``min_replies`` good replies the global adapter stays as it was;
+* rounds can start after 1 (``round_offset``), so a resumed run numbers them,
+  and tells clients, as the interrupted run would have;
 * bytes sent and received are counted per round;
 * the new global adapter is rounded to the transport dtype, so the server's
   evaluation, the clients and the saved adapter all see the same numbers.
@@ -18,6 +21,7 @@ by calling the pure functions of :mod:`fedlora.aggregation`.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable
@@ -38,12 +42,19 @@ class AdapterStrategy(FedAvg):
     """FedAvg's orchestration with validated, byte-counted adapter aggregation.
 
     Parameters are Flower ``FedAvg``'s, plus ``wire_dtype`` (``float32`` or
-    ``float16``), the dtype the global adapter is sent in.
+    ``float16``), the dtype the global adapter is sent in; ``min_replies``, the
+    fewest good replies a round aggregates; ``max_update_norm``, the largest
+    accepted L2 norm of a reply's update (0: no bound).
     """
 
-    def __init__(self, *, wire_dtype: str = "float32", **fedavg_kwargs: Any) -> None:
+    def __init__(
+        self, *, wire_dtype: str = "float32", min_replies: int = 1, max_update_norm: float = 0.0, **fedavg_kwargs: Any
+    ) -> None:
         super().__init__(**fedavg_kwargs)
         self.wire_dtype = wire_dtype
+        self.min_replies = min_replies
+        self.max_update_norm = max_update_norm
+        self.round_offset = 0  # rounds already done by an earlier, interrupted run
         self.global_state: dict[str, Tensor] = {}
         # Per round: bytes, exclusions, aggregated metrics and whatever a subclass
         # records; JSON-serialisable, written to metrics.json by the server app.
@@ -59,6 +70,7 @@ class AdapterStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's sampling; remembers the adapter sent, to check replies against it."""
+        server_round += self.round_offset
         self.global_state = from_record(arrays)
         return self._count_down(server_round, super().configure_train(server_round, arrays, config, grid))
 
@@ -66,12 +78,14 @@ class AdapterStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluation sampling, with bytes counted."""
+        server_round += self.round_offset
         return self._count_down(server_round, super().configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check each reply, aggregate the good ones, keep the global adapter if none is good."""
+        """Check each reply, aggregate the good ones, keep the global adapter if too few are good."""
+        server_round += self.round_offset
         accepted: list[Message] = []
         states, weights = [], []
         for reply in replies:
@@ -85,8 +99,14 @@ class AdapterStrategy(FedAvg):
             states.append(state)
             weights.append(weight)
         log(INFO, "aggregate_train: %d reply(ies) accepted", len(accepted))
-        if not accepted:
-            log(WARNING, "round %d: no valid reply; the global adapter stays as it was", server_round)
+        if len(accepted) < self.min_replies:
+            log(
+                WARNING,
+                "round %d: %d valid reply(ies), fewer than min-replies=%d; the global adapter stays as it was",
+                server_round,
+                len(accepted),
+                self.min_replies,
+            )
             return None, None
         new_state = self.aggregate_states(server_round, states, weights)
         check_state(new_state, self.global_state)  # a strategy bug must not ship a broken adapter
@@ -99,6 +119,7 @@ class AdapterStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """FedAvg's weighted metric average, also kept in :attr:`round_log` as ``client-eval``."""
+        server_round += self.round_offset
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.round_log[server_round]["client-eval"] = dict(metrics)
@@ -121,6 +142,10 @@ class AdapterStrategy(FedAvg):
         except (ValueError, TypeError) as err:
             raise InvalidUpdate(str(err)) from err
         check_state(state, self.global_state)
+        if self.max_update_norm:
+            norm = math.sqrt(sum(float((state[k] - v).square().sum()) for k, v in self.global_state.items()))
+            if norm > self.max_update_norm:
+                raise InvalidUpdate(f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")
         return state, weight
 
     def _exclude(self, server_round: int, reply: Message, reason: str) -> None:

@@ -13,7 +13,7 @@ from e2e import check_run, simulate
 from fedlora import runtime
 from fedlora.adapter import adapter_state, build_adapter_model
 from fedlora.aggregation import average_states
-from fedlora.config import ConfigError, from_run_config
+from fedlora.config import ConfigError, from_run_config, iter_options
 from fedlora.methods import METHODS
 from fedlora.models import load_base_model, model_dir
 from fedlora.training import evaluate
@@ -55,8 +55,9 @@ def method_config(tiny_llama: Path, method: str, **extra: object) -> dict:
     return {**config, **({} if method in PROMPTS else TARGETS), **extra}
 
 
-def test_every_method_is_covered() -> None:
-    assert set(METHODS) == set(EXPECTED_KINDS)
+def test_every_method_is_covered_and_configurable() -> None:
+    choices = dict(iter_options())["adapter.method"].metadata["choices"]
+    assert set(METHODS) == set(EXPECTED_KINDS) == set(choices)
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_KINDS))

@@ -1,0 +1,168 @@
+"""Resilience: update-norm bound, minimum replies, atomic checkpoints, and kill-and-resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import reply
+from e2e import run_config_arg, simulate
+from flwr.app import ConfigRecord
+from safetensors.torch import load_file
+from test_strategies import FakeGrid, configured, lora_state
+
+from fedlora.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from fedlora.report import write_folder
+from fedlora.wire import from_record, to_record
+from simulations.run import flwr_command, flwr_env, process_tree, stop_processes, stop_superlink, superlink_pids
+from strategies import FedAvgFactors
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
+    random.seed(3)
+    arrays = to_record({"x": torch.randn(3, 4), "y": torch.randn(5)}, "float16")
+    checkpoint = Checkpoint(
+        2, arrays, {1: {"bytes-up": 10, "train": {"train-loss": 1.5}}}, [{"round": 0}], random.getstate()
+    )
+    save_checkpoint(tmp_path / "checkpoint", checkpoint)
+    expected_next = random.random()
+    random.seed(99)
+
+    loaded = load_checkpoint(tmp_path / "checkpoint")
+    assert loaded is not None and loaded.server_round == 2
+    assert loaded.round_log == checkpoint.round_log and loaded.metrics == checkpoint.metrics
+    assert {k: a.dtype for k, a in loaded.arrays.items()} == {"x": "float16", "y": "float16"}
+    for key, tensor in from_record(arrays).items():
+        assert torch.equal(from_record(loaded.arrays)[key], tensor)
+    restore_rng(loaded)
+    assert random.random() == expected_next
+
+
+def test_a_crash_mid_swap_leaves_a_usable_checkpoint(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint"
+    for server_round in (1, 2):
+        save_checkpoint(folder, Checkpoint(server_round, to_record({"x": torch.ones(2)}), {}, [], random.getstate()))
+    folder.rename(tmp_path / "checkpoint.old")  # the instant between write_folder's two renames
+    assert load_checkpoint(folder).server_round == 2
+    assert load_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_a_failed_write_keeps_what_was_saved(tmp_path: Path) -> None:
+    folder = tmp_path / "adapter"
+    write_folder(folder, lambda d: (d / "a.txt").write_text("first"))
+
+    def broken(d: Path) -> None:
+        (d / "a.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder(folder, broken)
+    assert (folder / "a.txt").read_text() == "first"
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_huge_update_norm_is_excluded_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = configured(FedAvgFactors)
+    strategy.max_update_norm = 10.0
+    near = {k: v + 0.01 for k, v in lora_state(0).items()}
+    far = {k: v * 100 for k, v in lora_state(0).items()}
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(1, [reply(11, near), reply(12, far)])
+    assert any(
+        "node 12 excluded: update norm" in r.getMessage() and "exceeds max-update-norm 10" in r.getMessage()
+        for r in caplog.records
+    )
+    np.testing.assert_allclose(from_record(arrays)["head.weight"].numpy(), near["head.weight"], rtol=1e-6)
+    assert metrics["excluded-replies"] == 1
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_too_few_good_replies_keep_the_global_adapter() -> None:
+    strategy = configured(FedAvgFactors)
+    strategy.min_replies = 2
+    nan = lora_state(2)
+    nan["head.weight"][0, 0] = np.nan
+    assert strategy.aggregate_train(1, [reply(11, lora_state(1)), reply(12, nan), reply(13, None)]) == (None, None)
+    strategy.min_replies = 1
+    arrays, _ = strategy.aggregate_train(1, [reply(11, lora_state(1)), reply(13, None)])  # a dropout is tolerated
+    np.testing.assert_allclose(from_record(arrays)["head.weight"].numpy(), lora_state(1)["head.weight"], rtol=1e-6)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_round_offset_numbers_rounds_as_the_interrupted_run() -> None:
+    strategy = FedAvgFactors(min_train_nodes=1, min_available_nodes=1)
+    strategy.round_offset = 2
+    record = to_record({k: torch.from_numpy(v) for k, v in lora_state(0).items()})
+    messages = strategy.configure_train(1, record, ConfigRecord(), FakeGrid([5]))
+    assert [m.content["config"]["server-round"] for m in messages] == [3]
+    assert 3 in strategy.round_log and 1 not in strategy.round_log
+
+
+def wait_for_round(checkpoint: Path, server_round: int, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = checkpoint / "state.json"
+        if state.is_file() and json.loads(state.read_text())["round"] >= server_round:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint of round {server_round} within {timeout}s")
+
+
+def test_server_killed_mid_run_resumes_to_the_same_adapter(tmp_path: Path, tiny_llama: Path) -> None:
+    overrides = {
+        "model.name": str(tiny_llama),
+        "data.source": "chatterbot",
+        "data.test-size": 40,
+        "data.max-examples": 400,
+        "num-server-rounds": 3,
+        "train.local-steps": 4,
+        "train.lr": 0.01,
+        "fraction-evaluate": 0.0,
+        "adapter.target-modules": "q_proj,v_proj",
+    }
+    simulate(tmp_path / "uninterrupted", overrides)
+
+    # The same run, its server SIGKILLed while round 2 trains.
+    run_dir, flwr_home = tmp_path / "interrupted", tmp_path / "interrupted" / "flwr"
+    killed = {**overrides, "output-dir": str(run_dir / "out")}
+    process = subprocess.Popen(
+        flwr_command(run_config_arg(killed), 3),
+        env=flwr_env(flwr_home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_round(run_dir / "out" / "checkpoint", 1)
+        simulation = [
+            pid for pid in superlink_pids(flwr_home) if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert simulation, "no simulation process to kill"
+        tree = process_tree(simulation)  # the ServerApp's process and its Ray workers
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stop_processes(tree, timeout=5)
+    finally:
+        process.kill()
+        process.wait()
+        stop_superlink(flwr_home)
+    interrupted_at = load_checkpoint(run_dir / "out" / "checkpoint").server_round
+    assert 1 <= interrupted_at < 3
+
+    _, rounds = simulate(run_dir, {**overrides, "resume": True})
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    resumed = load_file(run_dir / "out" / "adapter" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "uninterrupted" / "out" / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for key, tensor in reference.items():
+        torch.testing.assert_close(resumed[key], tensor, atol=1e-6, rtol=1e-5)
