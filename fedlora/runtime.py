@@ -23,7 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapter import build_adapter_model
 from fedlora.config import RunConfig
-from fedlora.data.federated import client_partition, server_and_pool
+from fedlora.data.federated import client_partition, local_split, server_and_pool
+from fedlora.data.sources import load_local
 from fedlora.data.tokenize import collator, tokenize
 from fedlora.methods import AdapterMethod, get_method
 from fedlora.models import CLASSIFICATION, load_tokenizer, model_dir, resolve_task
@@ -89,12 +90,20 @@ def test_set(cfg: RunConfig) -> Dataset:
     )
 
 
-def client_sets(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset]:
-    """Client ``partition_id``'s tokenised (train, validation) sets."""
+def client_sets(cfg: RunConfig, partition_id: int, num_partitions: int, data_path: str = "") -> tuple[Dataset, Dataset]:
+    """A client's tokenised (train, validation) sets.
+
+    Partition ``partition_id`` of the configured source, or, with ``data_path``,
+    the node's own file (:func:`fedlora.data.sources.load_local`).
+    """
 
     def build() -> tuple[Dataset, Dataset]:
-        train, val = client_partition(cfg.data, _split(cfg)[1], partition_id, num_partitions, cfg.run.seed)
+        if data_path:
+            task = resolve_task(cfg.model.name, cfg.model.task)
+            train, val = local_split(load_local(data_path, task), cfg.data.val_fraction, cfg.run.seed)
+        else:
+            train, val = client_partition(cfg.data, _split(cfg)[1], partition_id, num_partitions, cfg.run.seed)
         return _tokenized(cfg, train), _tokenized(cfg, val)
 
-    key = ("client", cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length, partition_id, num_partitions)
+    key = ("client", cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length, partition_id, num_partitions, data_path)
     return _cached(key, build)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedlora.config import DataSettings
-from fedlora.data.federated import client_partition, server_and_pool
-from fedlora.data.sources import DataNotFoundError, load_fortunes, load_source
+from fedlora.data.federated import client_partition, local_split, server_and_pool
+from fedlora.data.sources import DataNotFoundError, load_fortunes, load_local, load_source
 from fedlora.data.tokenize import IGNORE_INDEX, tokenize
 from fedlora.models import CAUSAL_LM, CLASSIFICATION, load_tokenizer, model_dir
 
@@ -100,3 +102,24 @@ def test_classification_tokens_and_labels() -> None:
     encoded = tokenize(data, tokenizer, CLASSIFICATION, max_length=32)
     assert encoded["labels"] == data["label"]
     assert all(len(ids) <= 32 for ids in encoded["input_ids"])
+
+
+def test_node_private_data_from_a_local_file(tmp_path) -> None:
+    rows = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(20)]
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    train, val = local_split(load_local(jsonl, CAUSAL_LM), 0.2, seed=0)
+    assert len(train) == 16 and len(val) == 4
+    assert set(train["prompt"]) | set(val["prompt"]) == {r["prompt"] for r in rows}
+
+    csv = tmp_path / "mine.csv"
+    csv.write_text("text,label\ngreat,2\nawful,0\n")
+    assert load_local(csv, CLASSIFICATION)["label"] == [2, 0]
+    with pytest.raises(ValueError, match=r"lacks column\(s\) prompt, response needed for causal-lm"):
+        load_local(csv, CAUSAL_LM)
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        load_local(tmp_path / "absent.csv", CLASSIFICATION)
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("")
+    with pytest.raises(ValueError, match="must be one of"):
+        load_local(text_file, CLASSIFICATION)

@@ -54,6 +54,14 @@ def make_partitioner(settings: DataSettings, num_partitions: int, pool: Dataset,
     return partitioner
 
 
+def local_split(data: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A node's own data split into ``(train, validation)``."""
+    if len(data) < 2:
+        raise ValueError(f"node data holds {len(data)} example(s); it needs at least 2 (train and validation)")
+    split = data.train_test_split(test_size=val_fraction, seed=seed)
+    return split["train"], split["test"]
+
+
 def client_partition(
     settings: DataSettings, pool: Dataset, partition_id: int, num_partitions: int, seed: int
 ) -> tuple[Dataset, Dataset]:
@@ -61,9 +69,4 @@ def client_partition(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     partition = make_partitioner(settings, num_partitions, pool, seed).load_partition(partition_id)
-    if len(partition) < 2:
-        raise ValueError(
-            f"partition {partition_id} of {num_partitions} holds {len(partition)} example(s); use fewer clients"
-        )
-    split = partition.train_test_split(test_size=settings.val_fraction, seed=seed)
-    return split["train"], split["test"]
+    return local_split(partition, settings.val_fraction, seed)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
@@ -99,6 +99,28 @@ def load_chatterbot() -> Dataset:
                 if question and answer:
                     rows.append((question, path.stem, question, answer))
     return _build(rows)
+
+
+LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+LOCAL_COLUMNS = {"classification": ("text", "label"), "causal-lm": ("prompt", "response")}
+
+
+def load_local(path: str | Path, task: str) -> Dataset:
+    """A node's own examples from a CSV, JSON or JSON-lines file; they never leave the node.
+
+    Classification needs the columns ``text`` and ``label`` (an integer class
+    index of the run's label set); causal LM needs ``prompt`` and ``response``.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataNotFoundError(f"node data file {path} does not exist")
+    if path.suffix not in LOCAL_FORMATS:
+        raise ValueError(f"node data file {path} must be one of {', '.join(LOCAL_FORMATS)}")
+    data = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    missing = [c for c in LOCAL_COLUMNS[task] if c not in data.column_names]
+    if missing:
+        raise ValueError(f"node data file {path} lacks column(s) {', '.join(missing)} needed for {task}")
+    return data
 
 
 SOURCES: dict[str, Callable[[], Dataset]] = {
