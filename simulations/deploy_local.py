@@ -39,7 +39,7 @@ class LocalDeployment:
     def __init__(self, work: Path) -> None:
         self.work = work.resolve()
         self.certs, self.keys, self.logs = self.work / "certs", self.work / "keys", self.work / "logs"
-        self.fleet_port, self.control_port = free_port(), free_port()
+        self.port = free_port()  # Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port
         self.processes: list[subprocess.Popen] = []
         bin_dir = str(Path(sys.executable).parent)
         self.env = {
@@ -60,7 +60,7 @@ class LocalDeployment:
         (self.work / "flwr").mkdir(parents=True, exist_ok=True)
         (self.work / "flwr" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.control_port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
         )
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -87,9 +87,7 @@ class LocalDeployment:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(self.fleet_port),
-                "--control-api-address",
-                f"127.0.0.1:{self.control_port}",
+                str(self.port),
                 "--database",
                 str(self.work / "superlink.db"),
             ],
@@ -110,18 +108,19 @@ class LocalDeployment:
             time.sleep(1)
         raise RuntimeError(f"could not register {name}: {result.stdout}{result.stderr}")
 
-    def start_supernode(self, name: str, partition: int, partitions: int, tls: bool = True) -> subprocess.Popen:
-        """A SuperNode authenticating with key ``name`` and holding partition ``partition``."""
+    def start_supernode(self, key: str | None, partition: int, partitions: int, tls: bool = True) -> subprocess.Popen:
+        """A SuperNode holding partition ``partition``, authenticating with key ``key`` (``None``: no key)."""
         security = ["--root-certificates", str(self.certs / "ca.crt")] if tls else ["--insecure"]
+        auth = ["--auth-supernode-private-key", str(self.keys / key)] if key else []
+        name = f"supernode-{partition}-{key or 'nokey'}-{'tls' if tls else 'plaintext'}"
         return self._start(
-            f"supernode-{name}-{'tls' if tls else 'insecure'}",
+            name,
             [
                 "flower-supernode",
                 *security,
+                *auth,
                 "--superlink",
-                f"127.0.0.1:{self.fleet_port}",
-                "--auth-supernode-private-key",
-                str(self.keys / name),
+                f"127.0.0.1:{self.port}",
                 "--node-config",
                 f"partition-id={partition} num-partitions={partitions}",
                 "--port",

@@ -156,11 +156,12 @@ def test_server_killed_mid_run_resumes_to_the_same_adapter(tmp_path: Path, tiny_
         process.kill()
         process.wait()
         stop_superlink(flwr_home)
-    interrupted_at = load_checkpoint(run_dir / "out" / "checkpoint").server_round
-    assert 1 <= interrupted_at < 3
+    checkpoint = load_checkpoint(run_dir / "out" / "checkpoint")
+    assert 1 <= checkpoint.server_round < 3
 
     _, rounds = simulate(run_dir, {**overrides, "resume": True})
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[: len(checkpoint.metrics)] == checkpoint.metrics  # continued, not redone (timings would differ)
     resumed = load_file(run_dir / "out" / "adapter" / "adapter_model.safetensors")
     reference = load_file(tmp_path / "uninterrupted" / "out" / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == reference.keys()
