@@ -22,7 +22,7 @@ from fedlora.adapter import adapter_state
 from fedlora.config import from_run_config
 from fedlora.methods import METHODS, get_method
 from fedlora.models import model_dir
-from simulations.run import ROOT, flwr_run
+from simulations.run import ROOT, flwr_run, run_config_arg
 
 # Each method at a learning rate in the range its paper recommends (LoRA+ halves LoRA's, as Hayou et al. advise;
 # VeRA and the prompt methods train far fewer parameters and want larger steps).
@@ -43,13 +43,6 @@ def method_overrides(method: str, args: argparse.Namespace) -> dict:
         "min-train-nodes": args.clients,
         "output-dir": str(ROOT / "outputs" / "compare" / method),
     }
-
-
-def render(value: object) -> str:
-    """A run-config value as TOML."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return f"'{value}'" if isinstance(value, str) else str(value)
 
 
 def base_memory_mb() -> dict[str, float]:
@@ -77,7 +70,7 @@ def main() -> None:
     for method in args.methods.split(","):
         overrides = method_overrides(method, args)
         started = time.monotonic()
-        run = flwr_run(" ".join(f"{k}={render(v)}" for k, v in overrides.items()), args.clients, capture=True)
+        run = flwr_run(run_config_arg(overrides), args.clients, capture=True)
         wall = time.monotonic() - started
         if run.returncode != 0:
             raise SystemExit(f"{method} failed:\n{(run.stdout + run.stderr)[-3000:]}")

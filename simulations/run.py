@@ -99,6 +99,17 @@ def stop_superlink(flwr_home: Path, timeout: float = 10.0) -> None:
     stop_processes(superlink_pids(flwr_home), timeout)
 
 
+def run_config_arg(overrides: dict[str, object]) -> str:
+    """Render run-config overrides the way ``flwr run --run-config`` expects them (TOML values)."""
+
+    def toml(value: object) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"'{value}'" if isinstance(value, str) else str(value)
+
+    return " ".join(f"{key}={toml(value)}" for key, value in overrides.items())
+
+
 def flwr_command(run_config: str = "", num_supernodes: int = 4) -> list[str]:
     """The ``flwr run . --stream`` command line for ``run_config`` overrides."""
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream"]

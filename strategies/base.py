@@ -118,27 +118,48 @@ class AdapterStrategy(FedAvg):
         return to_record(new_state, self.wire_dtype), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """FedAvg's weighted metric average, also kept in :attr:`round_log` as ``client-eval``."""
+        """Weighted average of the well-formed evaluation replies, also kept in :attr:`round_log`."""
         server_round += self.round_offset
-        metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            self.round_log[server_round]["client-eval"] = dict(metrics)
+        good = []
+        for reply in replies:
+            try:
+                self._weight(reply, expect_arrays=False)
+            except InvalidUpdate as err:
+                log(
+                    WARNING,
+                    "round %d: evaluation reply from node %d excluded: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    err,
+                )
+                continue
+            good.append(reply.content)
+        if not good:
+            return None
+        metrics = self.evaluate_metrics_aggr_fn(good, self.weighted_by_key)
+        self.round_log[server_round]["client-eval"] = dict(metrics)
         return metrics
 
-    def decode_reply(self, reply: Message) -> tuple[dict[str, Tensor], float]:
-        """A training reply's adapter state and aggregation weight; :class:`InvalidUpdate` if malformed."""
+    def _weight(self, reply: Message, expect_arrays: bool) -> float:
+        """A reply's aggregation weight, after checking its records; :class:`InvalidUpdate` if malformed."""
         if reply.has_error():
             raise InvalidUpdate(f"client failed: {reply.error.reason}")
         content = reply.content
-        if list(content.array_records) != [self.arrayrecord_key] or len(content.metric_records) != 1:
+        arrays = [self.arrayrecord_key] if expect_arrays else []
+        if list(content.array_records) != arrays or len(content.metric_records) != 1:
+            expected = f"one ArrayRecord '{self.arrayrecord_key}' and " if expect_arrays else "no ArrayRecord and "
             raise InvalidUpdate(
-                f"expected one ArrayRecord '{self.arrayrecord_key}' and one MetricRecord, got "
-                f"{list(content.array_records)} and {list(content.metric_records)}"
+                f"expected {expected}one MetricRecord, got ArrayRecords {list(content.array_records)} "
+                f"and MetricRecords {list(content.metric_records)}"
             )
         metrics = next(iter(content.metric_records.values()))
-        weight = check_weight(metrics.get(self.weighted_by_key), self.weighted_by_key)
+        return check_weight(metrics.get(self.weighted_by_key), self.weighted_by_key)
+
+    def decode_reply(self, reply: Message) -> tuple[dict[str, Tensor], float]:
+        """A training reply's adapter state and aggregation weight; :class:`InvalidUpdate` if malformed."""
+        weight = self._weight(reply, expect_arrays=True)
         try:
-            state = from_record(content[self.arrayrecord_key])
+            state = from_record(reply.content[self.arrayrecord_key])
         except (ValueError, TypeError) as err:
             raise InvalidUpdate(str(err)) from err
         check_state(state, self.global_state)

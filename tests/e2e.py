@@ -14,18 +14,7 @@ from fedlora import runtime
 from fedlora.config import from_run_config
 from fedlora.models import CLASSIFICATION, model_dir, resolve_task
 from fedlora.training import evaluate
-from simulations.run import flwr_run
-
-
-def run_config_arg(overrides: dict) -> str:
-    """Render overrides the way `flwr run --run-config` expects them (TOML values)."""
-
-    def toml(value: object) -> str:
-        if isinstance(value, bool):
-            return str(value).lower()
-        return f"'{value}'" if isinstance(value, str) else str(value)
-
-    return " ".join(f"{k}={toml(v)}" for k, v in overrides.items())
+from simulations.run import flwr_run, run_config_arg
 
 
 def simulate(tmp_path: Path, overrides: dict, clients: int = 3) -> tuple[dict, list[dict]]:

@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
-from e2e import run_config_arg
 
 from fedlora import runtime
 from fedlora.adapter import adapter_state
 from fedlora.config import from_run_config
 from fedlora.wire import record_nbytes, to_record
 from simulations.deploy_local import LocalDeployment
+from simulations.run import run_config_arg
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import reply
-from e2e import run_config_arg, simulate
+from e2e import simulate
 from flwr.app import ConfigRecord
 from safetensors.torch import load_file
 from test_strategies import FakeGrid, configured, lora_state
@@ -24,7 +24,15 @@ from test_strategies import FakeGrid, configured, lora_state
 from fedlora.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.report import write_folder
 from fedlora.wire import from_record, to_record
-from simulations.run import flwr_command, flwr_env, process_tree, stop_processes, stop_superlink, superlink_pids
+from simulations.run import (
+    flwr_command,
+    flwr_env,
+    process_tree,
+    run_config_arg,
+    stop_processes,
+    stop_superlink,
+    superlink_pids,
+)
 from strategies import FedAvgFactors
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import reply
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.config import from_run_config
 from fedlora.wire import from_record, to_record
@@ -150,3 +151,23 @@ def test_global_adapter_is_rounded_to_the_wire_dtype() -> None:
     )
     arrays, _ = strategy.aggregate_train(1, [reply(1, {k: v.astype(np.float16) for k, v in lora_state(1).items()})])
     assert isinstance(arrays, ArrayRecord) and {a.dtype for a in arrays.values()} == {"float16"}
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_malformed_evaluation_reply_is_skipped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = build_strategy(from_run_config({"min-train-nodes": 1}))
+
+    def evaluation(node_id: int, metrics: dict) -> Message:
+        TaskIdentity.node_id = node_id
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), dst_node_id=0, message_type="evaluate")
+
+    replies = [
+        evaluation(1, {"num-examples": 10, "eval-loss": 2.0}),
+        evaluation(2, {"eval-loss": 9.0}),
+        evaluation(3, {"num-examples": 30, "eval-loss": 1.0}),
+        reply(4, None),
+    ]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["eval-loss"] == pytest.approx(1.25)
+    assert any("evaluation reply from node 2 excluded" in r.getMessage() for r in caplog.records)
