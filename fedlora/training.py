@@ -44,6 +44,11 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train (and so travel)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
     """The configured local optimizer over the trainable parameters."""
     if settings.optimizer == "sgd":
@@ -56,7 +61,7 @@ def train_steps(
 ) -> float:
     """Run ``steps`` optimizer steps (cycling through ``loader``); return the mean training loss."""
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     device = params[0].device
     losses = []
     for batch in itertools.islice(itertools.cycle(loader), steps):

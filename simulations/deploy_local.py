@@ -13,7 +13,6 @@ Runtime dependency installation stays off everywhere.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 from fedlora.pki import create_ca, create_node_key, create_server_certificate
-from simulations.run import ROOT, process_tree, stop_processes
+from simulations.run import ROOT, flwr_env, process_tree, stop_processes
 
 CONNECTION = "fedlora-local"
 
@@ -41,15 +40,7 @@ class LocalDeployment:
         self.certs, self.keys, self.logs = self.work / "certs", self.work / "keys", self.work / "logs"
         self.port = free_port()  # Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port
         self.processes: list[subprocess.Popen] = []
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = {
-            **os.environ,
-            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-            "FLWR_HOME": str(self.work / "flwr"),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-        }
+        self.env = flwr_env(self.work / "flwr")
 
     def create_keys(self, nodes: int) -> None:
         """CA, SuperLink certificate for localhost, one key pair per node; the CLI's connection config."""

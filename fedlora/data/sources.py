@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 
+from fedlora.models import CAUSAL_LM, CLASSIFICATION
+
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
 
@@ -102,7 +104,7 @@ def load_chatterbot() -> Dataset:
 
 
 LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
-LOCAL_COLUMNS = {"classification": ("text", "label"), "causal-lm": ("prompt", "response")}
+LOCAL_COLUMNS = {CLASSIFICATION: ("text", "label"), CAUSAL_LM: ("prompt", "response")}
 
 
 def load_local(path: str | Path, task: str) -> Dataset:

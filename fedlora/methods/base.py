@@ -25,17 +25,12 @@ from transformers import PreTrainedModel
 
 from fedlora.config import RunConfig
 from fedlora.models import CLASSIFICATION, load_base_model
-from fedlora.training import make_optimizer
+from fedlora.training import make_optimizer, trainable_parameters
 
 
 def task_type(task: str) -> TaskType:
     """The peft task type for a fedlora task."""
     return TaskType.SEQ_CLS if task == CLASSIFICATION else TaskType.CAUSAL_LM
-
-
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters that train (and so travel)."""
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 class AdapterMethod:
