@@ -5,20 +5,37 @@ each message overwrites the whole adapter with the one received, trains
 ``train.local-steps`` steps with a fresh optimizer at the round's learning rate,
 and replies with the adapter tensors, ``num-examples``, ``train-loss`` and
 ``setup-s`` (seconds from the message's arrival to the first training step).
+
+Clients of different LoRA ranks: a node's rank is its node config
+``lora-rank``, else its tier in ``adapter.rank-tiers``; the client answers the
+server's rank query with it, and the server sends it an adapter of that rank.
+A client replies with the rank it received, so the server decides every size.
+AdaLoRA clients add their rank pattern (a ConfigRecord ``rank-pattern``).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from fedlora import runtime
-from fedlora.adapter import adapter_state, load_adapter_state
-from fedlora.config import RunConfig, from_run_config
+from fedlora.adapter import adapter_state, load_adapter_state, resize_like, split_residual
+from fedlora.config import (
+    RANK_KEY,
+    TASK_KEY,
+    RunConfig,
+    client_rank,
+    client_task,
+    for_task,
+    from_run_config,
+    task_names,
+)
 from fedlora.training import evaluate, round_lr, train_steps
 from fedlora.wire import from_record, to_record
 
@@ -43,46 +60,102 @@ def _node_data(context: Context) -> tuple[int, int, str]:
         ) from None
 
 
-def _receive(msg: Message, context: Context) -> tuple[RunConfig, runtime.Workbench, Dataset, Dataset]:
-    """Config, the cached model with the received adapter loaded, and this node's (train, val) sets."""
+@dataclass
+class Received:
+    """A message unpacked on this node: the model with the adapter loaded, the node's data, what came in."""
+
+    cfg: RunConfig
+    bench: runtime.Workbench
+    train_set: Dataset
+    val_set: Dataset
+    sent: dict[str, Tensor]  # the trainable tensors the server sent: the reply has exactly these keys and shapes
+    server_round: int
+
+
+def _profile(cfg: RunConfig, context: Context) -> tuple[int, str]:
+    """The node's LoRA rank and task, from its node config or the run's tiers and task list."""
+    partition_id = _node_data(context)[0]
+    node_rank, node_task = context.node_config.get(RANK_KEY), context.node_config.get(TASK_KEY)
+    rank = client_rank(cfg, partition_id, None if node_rank is None else int(node_rank))
+    return rank, client_task(cfg, partition_id, None if node_task is None else str(node_task))
+
+
+def _task_data(cfg: RunConfig, context: Context, task: str) -> tuple[Dataset, Dataset]:
+    """The node's (train, val) sets; with tasks, its share of its task's data set among that task's partitions."""
+    partition_id, num_partitions, data_path = _node_data(context)
+    if task and not data_path:
+        tasks = task_names(cfg)
+        position = tasks.index(task) if task in tasks else 0
+        cfg = for_task(cfg, task)
+        partition_id, num_partitions = partition_id // len(tasks), len(range(position, num_partitions, len(tasks)))
+    return runtime.client_sets(cfg, partition_id, num_partitions, data_path)
+
+
+def _receive(msg: Message, context: Context) -> Received:
+    """Unpack ``msg``: activate the node's task, load the adapter sent plus this client's local tensors."""
     cfg = from_run_config(context.run_config)
     bench = runtime.workbench(cfg)
-    train_set, val_set = runtime.client_sets(cfg, *_node_data(context))
-    load_adapter_state(bench.model, from_record(msg.content["arrays"]))
-    return cfg, bench, train_set, val_set
+    _, task = _profile(cfg, context)
+    bench.method.activate(bench.model, task)
+    train_set, val_set = _task_data(cfg, context, task)
+    state = from_record(msg.content["arrays"])
+    server_round = int(msg.content["config"]["server-round"])
+    trainable, _ = split_residual(state)
+    local = {k: v for k, v in adapter_state(bench.model).items() if k not in trainable}
+    if local:  # tensors the strategy keeps on the client: the last ones this client trained, else the initial ones
+        stored = runtime.load_local_tensors(cfg, context.node_config, server_round, msg.metadata.message_type)
+        state = {**{k: (stored or bench.initial)[k] for k in local}, **state}
+    load_adapter_state(bench.model, state)
+    return Received(cfg, bench, train_set, val_set, trainable, server_round)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the server's profile query: this node's LoRA rank and task."""
+    rank, task = _profile(from_run_config(context.run_config), context)
+    return Message(content=RecordDict({"profile": ConfigRecord({RANK_KEY: rank, TASK_KEY: task})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training."""
     started = time.monotonic()
-    cfg, bench, train_set, _ = _receive(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
+    got = _receive(msg, context)
+    cfg, bench, server_round = got.cfg, got.bench, got.server_round
     partition_id, _, _ = _node_data(context)
     seed = cfg.run.seed + 7919 * server_round + 104729 * partition_id  # dropout and batch order
     torch.manual_seed(seed)
     lr = round_lr(server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
     optimizer = bench.method.optimizer(bench.model, cfg, lr)
+    runtime.restore_optimizer_state(cfg, context.node_config, optimizer, bench.model, server_round)  # opt-in
     setup_s = time.monotonic() - started  # message to first training step: what the worker cache saves
     loss = train_steps(
         bench.model,
-        bench.loader(train_set, cfg.train.batch_size, seed=seed),
+        bench.loader(got.train_set, cfg.train.batch_size, seed=seed),
         cfg.train.local_steps,
         optimizer,
         cfg.train.max_grad_norm,
+        bench.method.step_hook(bench.model, cfg, server_round),
     )
+    runtime.keep_optimizer_state(cfg, context.node_config, optimizer, bench.model, server_round)  # opt-in
+    trained = adapter_state(bench.model)
+    if local := {k: v for k, v in trained.items() if k not in got.sent}:
+        runtime.save_local_tensors(cfg, context.node_config, server_round, local)
+    reply = resize_like({k: trained[k] for k in got.sent}, got.sent)
     content = RecordDict(
         {
-            "arrays": to_record(adapter_state(bench.model), cfg.wire.dtype),
-            "metrics": MetricRecord({"num-examples": len(train_set), "train-loss": loss, "setup-s": setup_s}),
+            "arrays": to_record(reply, cfg.wire.dtype),
+            "metrics": MetricRecord({"num-examples": len(got.train_set), "train-loss": loss, "setup-s": setup_s}),
         }
     )
+    if pattern := bench.method.rank_pattern(bench.model):
+        content["rank-pattern"] = ConfigRecord(pattern)
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on the node's validation split."""
-    cfg, bench, _, val_set = _receive(msg, context)
-    metrics = evaluate(bench.model, bench.loader(val_set, cfg.eval.batch_size), bench.task)
+    got = _receive(msg, context)
+    metrics = evaluate(got.bench.model, got.bench.loader(got.val_set, got.cfg.eval.batch_size), got.bench.task)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

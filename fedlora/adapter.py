@@ -7,20 +7,33 @@ the tensors that train are the tensors that travel, for every method
 (:mod:`fedlora.methods`). Nothing frozen, and so nothing of the base, is ever
 part of it. The final adapter is written with peft's ``save_pretrained``, so
 peft's own file format is what users load.
+
+A global adapter may also carry a *residual* per LoRA layer
+(``<module>.residual_B``/``<module>.residual_A``, d×R and R×k): an update the
+server has already aggregated for good, which a party adds to its frozen base
+weight instead of training it (FLoRA, :mod:`strategies.flora`). Residuals are
+never trainable and never sent back.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from fedlora.aggregation import LORA_A, LORA_B, lora_pairs, resize_rank
 from fedlora.config import RunConfig
 from fedlora.methods import get_method
-from fedlora.validation import check_state
+from fedlora.validation import InvalidUpdate, check_state
+
+RESIDUAL_A, RESIDUAL_B = ".residual_A", ".residual_B"
+_MERGED = "_fedlora_residual"  # model attribute: the residual now added to the base weights
 
 
 def build_adapter_model(base: PreTrainedModel, cfg: RunConfig, task: str) -> PeftModel:
@@ -30,6 +43,7 @@ def build_adapter_model(base: PreTrainedModel, cfg: RunConfig, task: str) -> Pef
         model = get_peft_model(base, method.peft_config(cfg, task))
     except ValueError as err:  # e.g. target modules not found in the base
         raise ValueError(f"cannot apply adapter.method='{method.name}' to this model: {err}") from err
+    method.add_adapters(model, cfg, task)
     method.freeze(model)
     return model
 
@@ -43,10 +57,128 @@ def adapter_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().cpu().clone() for name, p in _trainable(model).items()}
 
 
-def load_adapter_state(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Overwrite every trainable tensor of ``model`` with ``state`` (checked first: nothing stale survives)."""
-    params = _trainable(model)
-    check_state(state, params)
+def resize_state(state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:
+    """``state`` with every LoRA factor pair cut or zero-padded to ``rank`` (other tensors unchanged).
+
+    A client of rank ``r_k`` loads its factors zero-padded into the worker's
+    rank-``r`` adapter: the padded rows of A and columns of B see exactly zero
+    gradient (each multiplies the other's zeros), so they stay zero and training
+    is that of a rank-``r_k`` adapter with the global scaling, on one cached model.
+    """
+    out = dict(state)
+    for a_key, b_key in lora_pairs(state).values():
+        out[b_key], out[a_key] = resize_rank(state[b_key], state[a_key], rank)
+    return out
+
+
+def resize_like(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each LoRA factor pair cut or zero-padded to its rank in ``reference``."""
+    out = dict(state)
+    for a_key, b_key in lora_pairs(state).values():
+        if a_key in reference:
+            out[b_key], out[a_key] = resize_rank(state[b_key], state[a_key], reference[a_key].shape[0])
+    return out
+
+
+def split_residual(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """``state`` as (trainable tensors, residual ``module -> (B, A)``)."""
+    trainable = {k: v for k, v in state.items() if not k.endswith((RESIDUAL_A, RESIDUAL_B))}
+    residual = {}
+    for key in state:
+        if key.endswith(RESIDUAL_A):
+            module = key.removesuffix(RESIDUAL_A)
+            if module + RESIDUAL_B not in state:
+                raise InvalidUpdate(f"residual '{key}' has no matching '{module + RESIDUAL_B}'")
+            residual[module] = (state[module + RESIDUAL_B], state[key])
+    if len(residual) * 2 != len(state) - len(trainable):
+        raise InvalidUpdate("a residual B has no matching residual A")
+    return trainable, residual
+
+
+def set_residual(model: torch.nn.Module, residual: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    """Make each adapted module's base weight ``W0 + B·A`` for its residual, and plain ``W0`` for the others.
+
+    Only the difference to what is merged now is applied, so a cached model
+    serving many messages never needs a copy of its base weights.
+    """
+    modules = dict(model.named_modules())
+    merged: dict[str, tuple[Tensor, Tensor]] = getattr(model, _MERGED, {})
     with torch.no_grad():
-        for name, tensor in state.items():
+        for module in set(merged) | set(residual):
+            if module not in modules or not hasattr(modules[module], "base_layer"):
+                raise InvalidUpdate(f"residual for '{module}', which is not an adapted module of this model")
+            weight = modules[module].base_layer.weight
+            if not weight.dtype.is_floating_point:
+                raise ValueError(f"cannot merge a residual into the quantised weight of '{module}'; use a float base")
+            delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if module in residual:
+                b, a = residual[module]
+                if (b.shape[0], a.shape[1]) != tuple(weight.shape) or b.shape[1] != a.shape[0]:
+                    raise InvalidUpdate(
+                        f"residual of '{module}' is {tuple(b.shape)}·{tuple(a.shape)}, weight is {tuple(weight.shape)}"
+                    )
+                delta += b.float().to(weight.device) @ a.float().to(weight.device)
+            if module in merged:
+                b, a = merged[module]
+                delta -= b.to(weight.device) @ a.to(weight.device)
+            weight += delta.to(weight.dtype)
+    setattr(model, _MERGED, {m: (b.float().clone(), a.float().clone()) for m, (b, a) in residual.items()})
+
+
+def load_adapter_state(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Overwrite every trainable tensor of ``model`` with ``state`` (checked first: nothing stale survives).
+
+    LoRA factors of a lower rank are zero-padded (:func:`resize_state`); residual
+    tensors are merged into the base weights (:func:`set_residual`), and
+    without any, a residual merged earlier is removed.
+    """
+    trainable, residual = split_residual(state)
+    params = _trainable(model)
+    pairs = [a for a, _ in lora_pairs(trainable).values() if a in params]
+    if all(trainable[a].shape[0] <= params[a].shape[0] for a in pairs):  # a lower-rank client's, zero-padded
+        trainable = resize_like(trainable, params)
+    check_state(trainable, params)
+    set_residual(model, residual)
+    with torch.no_grad():
+        for name, tensor in trainable.items():
             params[name].copy_(tensor)
+
+
+def save_adapter_files(model: PeftModel, folder: Path, adapters: list[str] | None = None) -> None:
+    """``model.save_pretrained(folder)``, or with a merged residual one LoRA adapter holding residual + adapter.
+
+    ``adapters`` selects peft adapters to save (default: all). The residual
+    ``B_res·A_res`` and the adapter ``s·B·A`` of each layer are stacked into
+    factors of rank R (the largest over layers, zero-padded) saved with
+    ``lora_alpha = r = R``, so peft's scaling is 1 and
+    ``PeftModel.from_pretrained`` computes exactly the model trained here.
+    """
+    residual: dict[str, tuple[Tensor, Tensor]] = getattr(model, _MERGED, {})
+    if not residual:
+        model.save_pretrained(folder, selected_adapters=adapters)
+        return
+    modules = dict(model.named_modules())
+    adapter = model.active_adapter
+    saved = get_peft_model_state_dict(model)
+    stacked = {}
+    for a_key, _ in lora_pairs(_trainable(model)).values():
+        module = a_key.split(LORA_A)[0]
+        scaling = modules[module].scaling[adapter]
+        b, a = (
+            modules[module].lora_B[adapter].weight.detach().cpu(),
+            modules[module].lora_A[adapter].weight.detach().cpu(),
+        )
+        if module in residual:
+            b, a = torch.cat([residual[module][0], scaling * b], 1), torch.cat([residual[module][1], a], 0)
+        else:
+            b = scaling * b
+        stacked[module] = (b, a)
+    rank = max(a.shape[0] for _, a in stacked.values())
+    for module, (b, a) in stacked.items():
+        b, a = resize_rank(b, a, rank)
+        saved[f"{module}{LORA_B}weight"], saved[f"{module}{LORA_A}weight"] = b.contiguous(), a.contiguous()
+    model.save_pretrained(folder)  # the config, README and any modules_to_save, then the factors replaced
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in saved.items()}, folder / "adapter_model.safetensors", {"format": "pt"})

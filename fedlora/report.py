@@ -14,6 +14,8 @@ from typing import Any
 from flwr.common.logger import log
 from peft import PeftModel
 
+from fedlora.adapter import save_adapter_files
+
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -47,6 +49,8 @@ class RoundReport:
         if done_here > 0:
             eta = (now - self._started) / done_here * (self.num_rounds - server_round)
             parts.append(f"{entry['round-time-s']:.1f}s (ETA {eta:.0f}s)")
+        if "train-sampled" in entry.get("clients", {}):
+            parts.append(f"clients {entry['clients']['train-replies']}/{entry['clients']['train-sampled']}")
         if "train-loss" in entry.get("train", {}):
             parts.append(f"train-loss {entry['train']['train-loss']:.4f}")
         parts += [f"{k} {v:.4f}" for k, v in central.items() if k != "num-examples"]
@@ -72,6 +76,6 @@ def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(model: PeftModel, folder: Path) -> None:
-    """``model.save_pretrained(folder)``, replacing an earlier adapter only once the new one is complete."""
-    write_folder(folder, model.save_pretrained)
+def save_adapter(model: PeftModel, folder: Path, adapters: list[str] | None = None) -> None:
+    """Write the adapter folder (:func:`fedlora.adapter.save_adapter_files`), replacing an old one once complete."""
+    write_folder(folder, lambda path: save_adapter_files(model, path, adapters))

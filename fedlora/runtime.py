@@ -1,46 +1,105 @@
-"""What a process keeps between messages: the base model with its adapter, and tokenised data.
+"""What a worker process keeps between messages: one base model with its adapter, and a little data.
 
-In simulation, Flower runs every virtual client of a worker in one long-lived
-Ray actor, so a module-level cache loads the base once per worker rather than
-once per client per round. A client's identity lives only in the adapter state
-it receives, which :func:`fedlora.adapter.load_adapter_state` overwrites whole
-before every use, so cached models never carry one client's state into another.
+In simulation, Flower runs the virtual clients of a worker one after another in
+one long-lived Ray actor. The promise is "many virtual clients on one machine":
+a round should cost the training it contains, not model loading, and memory
+should not grow with the number of clients. So a worker keeps:
+
+* **one base model**, loaded once and wrapped with the run's adapter
+  (:func:`workbench`). A client's identity lives only in the adapter state it
+  receives, which :func:`fedlora.adapter.load_adapter_state` overwrites whole
+  (missing or extra keys are an error) before every use, and the optimizer is
+  built afresh per message, so the cached model never carries one client's
+  state into another's. A new configuration replaces the cached model rather
+  than adding a second one. ``reuse-base = false`` turns the cache off and
+  reloads the base for every call, as FlowerTune's ``client_fn`` does: the
+  baseline of ``simulations/bench_scale.py``.
+* **a few clients' tokenised data**, in a small LRU (:data:`CLIENT_SETS_CACHED`
+  entries), so that a client's train and evaluate messages of one round share
+  one tokenisation while 1,000 virtual clients do not mean 1,000 cached sets.
+* **the partitioner** of the run's split, computed once per worker instead of
+  once per client call (a Dirichlet split over 1,000 partitions takes seconds).
+
+State that must outlive a client's turn (optimizer moments, personal tensors)
+goes to the per-client store on disk (:mod:`fedlora.store`), never into this
+process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 import transformers
 from datasets import Dataset
+from flwr.common.logger import log
+from flwr_datasets.partitioner import Partitioner
 from peft import PeftModel
+from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.adapter import build_adapter_model
+from fedlora.adapter import adapter_state, build_adapter_model
 from fedlora.config import RunConfig
-from fedlora.data.federated import client_partition, local_split, server_and_pool
+from fedlora.data.federated import local_split, make_partitioner, server_and_pool
 from fedlora.data.sources import load_local
 from fedlora.data.tokenize import collator, tokenize
 from fedlora.methods import AdapterMethod, get_method
 from fedlora.models import CLASSIFICATION, load_tokenizer, model_dir, resolve_task
+from fedlora.store import ClientStore, client_key, optimizer_tensors, restore_optimizer
 from fedlora.training import make_loader
 
 # Progress bars from every worker would drown the per-round log.
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
 
-_CACHE: dict[tuple[Any, ...], Any] = {}
+CLIENT_SETS_CACHED = 8
+"""Clients whose tokenised (train, validation) sets a worker keeps (least recently used dropped first)."""
+
+stats: dict[str, int] = {"base-loads": 0, "client-set-builds": 0}
+"""Counters of this process's expensive work: how often a base model was loaded and a client's data tokenised."""
 
 
-def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
-    if key not in _CACHE:
-        _CACHE[key] = build()
-    return _CACHE[key]
+class _Lru:
+    """A mapping that keeps at most ``size`` entries, dropping the least recently used."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = build()
+        self.entries[key] = value
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_MODEL = _Lru(1)  # one base per process: a new configuration replaces the old model
+_SPLIT = _Lru(2)  # (test, pool) of the data source
+_PARTITIONER = _Lru(2)
+_TOKENIZER = _Lru(2)
+_TEST = _Lru(2)
+_CLIENT_SETS = _Lru(CLIENT_SETS_CACHED)
+
+
+def clear_caches() -> None:
+    """Forget everything this process cached (what a worker restart does)."""
+    for cache in (_MODEL, _SPLIT, _PARTITIONER, _TOKENIZER, _TEST, _CLIENT_SETS):
+        cache.clear()
 
 
 @dataclass
@@ -51,59 +110,174 @@ class Workbench:
     tokenizer: PreTrainedTokenizerBase
     task: str
     method: AdapterMethod
+    initial: dict[str, Tensor]  # the adapter as built: where a client's local tensors start (fedlora.adapter)
 
     def loader(self, dataset: Dataset, batch_size: int, seed: int | None = None) -> DataLoader:
         """Padded batches of a tokenised ``dataset`` (shuffled when ``seed`` is given)."""
         return make_loader(dataset, collator(self.tokenizer, self.task), batch_size, seed)
 
 
-def workbench(cfg: RunConfig) -> Workbench:
-    """The process-wide model for ``cfg`` (built on first use; the adapter starts from ``run.seed``)."""
+def _task_and_labels(cfg: RunConfig) -> tuple[str, int]:
     task = resolve_task(cfg.model.name, cfg.model.task)
-    num_labels = _split(cfg)[1].features["label"].num_classes if task == CLASSIFICATION else 0
+    return task, (_split(cfg)[1].features["label"].num_classes if task == CLASSIFICATION else 0)
 
-    def build() -> Workbench:
-        method = get_method(cfg.adapter.method)
-        path = model_dir(cfg.model.name, cfg.model.cache_dir)
-        tokenizer = load_tokenizer(path)
-        torch.manual_seed(cfg.run.seed)  # same head, adapter and shared frozen parts on every party
-        base = method.load_base(path, task, num_labels, cfg)
-        return Workbench(build_adapter_model(base, cfg, task), tokenizer, task, method)
 
-    key = ("model", cfg.model, cfg.adapter, cfg.qlora, cfg.prompt, task, num_labels, cfg.run.seed)
-    return _cached(key, build)
+def _build_workbench(cfg: RunConfig, task: str, num_labels: int) -> Workbench:
+    method = get_method(cfg.adapter.method)
+    path = model_dir(cfg.model.name, cfg.model.cache_dir)
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(cfg.run.seed)  # same head, adapter and shared frozen parts on every party
+    base = method.load_base(path, task, num_labels, cfg)
+    stats["base-loads"] += 1
+    model = build_adapter_model(base, cfg, task)
+    return Workbench(model, tokenizer, task, method, adapter_state(model))
+
+
+def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
+    """The process-wide model for ``cfg`` (built on first use; the adapter starts from ``run.seed``).
+
+    With ``run.reuse-base = false`` (or ``reuse=False``) every call loads a
+    fresh base and nothing is cached: the FlowerTune pattern, for comparison.
+    """
+    task, num_labels = _task_and_labels(cfg)
+    if not (cfg.run.reuse_base if reuse is None else reuse):
+        _MODEL.clear()  # never hold two bases at once
+        return _build_workbench(cfg, task, num_labels)
+    schedule = (cfg.run.num_server_rounds, cfg.train.local_steps)  # AdaLoRA's budget schedule
+    key = (
+        cfg.model,
+        cfg.adapter,
+        cfg.qlora,
+        cfg.adalora,
+        cfg.mtlora,
+        cfg.prompt,
+        task,
+        num_labels,
+        cfg.run.seed,
+        schedule,
+    )
+    if key not in _MODEL.entries:
+        _MODEL.clear()  # free the old base before loading the new one
+    return _MODEL.get(key, lambda: _build_workbench(cfg, task, num_labels))
 
 
 def _split(cfg: RunConfig) -> tuple[Dataset, Dataset]:
-    return _cached(("split", cfg.data, cfg.run.seed), lambda: server_and_pool(cfg.data, cfg.run.seed))
+    return _SPLIT.get((cfg.data, cfg.run.seed), lambda: server_and_pool(cfg.data, cfg.run.seed))
+
+
+def _tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    return _TOKENIZER.get((cfg.model,), lambda: load_tokenizer(model_dir(cfg.model.name, cfg.model.cache_dir)))
 
 
 def _tokenized(cfg: RunConfig, dataset: Dataset) -> Dataset:
-    bench = workbench(cfg)
-    return tokenize(dataset, bench.tokenizer, bench.task, cfg.train.max_length)
+    task = resolve_task(cfg.model.name, cfg.model.task)
+    return tokenize(dataset, _tokenizer(cfg), task, cfg.train.max_length)
 
 
 def test_set(cfg: RunConfig) -> Dataset:
     """The server's held-out test split, tokenised."""
-    return _cached(
-        ("test", cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length), lambda: _tokenized(cfg, _split(cfg)[0])
-    )
+    key = (cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length)
+    return _TEST.get(key, lambda: _tokenized(cfg, _split(cfg)[0]))
+
+
+def _partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
+    pool = _split(cfg)[1]
+    key = (cfg.data, cfg.run.seed, num_partitions)
+    return _PARTITIONER.get(key, lambda: make_partitioner(cfg.data, num_partitions, pool, cfg.run.seed))
 
 
 def client_sets(cfg: RunConfig, partition_id: int, num_partitions: int, data_path: str = "") -> tuple[Dataset, Dataset]:
     """A client's tokenised (train, validation) sets.
 
     Partition ``partition_id`` of the configured source, or, with ``data_path``,
-    the node's own file (:func:`fedlora.data.sources.load_local`).
+    the node's own file (:func:`fedlora.data.sources.load_local`). Cached for
+    the :data:`CLIENT_SETS_CACHED` most recent clients (none with
+    ``run.reuse-base = false``, which re-tokenises on every call as FlowerTune does).
     """
 
     def build() -> tuple[Dataset, Dataset]:
+        stats["client-set-builds"] += 1
         if data_path:
             task = resolve_task(cfg.model.name, cfg.model.task)
             train, val = local_split(load_local(data_path, task), cfg.data.val_fraction, cfg.run.seed)
         else:
-            train, val = client_partition(cfg.data, _split(cfg)[1], partition_id, num_partitions, cfg.run.seed)
+            if not 0 <= partition_id < num_partitions:
+                raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+            partition = _partitioner(cfg, num_partitions).load_partition(partition_id)
+            train, val = local_split(partition, cfg.data.val_fraction, cfg.run.seed)
         return _tokenized(cfg, train), _tokenized(cfg, val)
 
-    key = ("client", cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length, partition_id, num_partitions, data_path)
-    return _cached(key, build)
+    if not cfg.run.reuse_base:
+        return build()
+    key = (cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length, partition_id, num_partitions, data_path)
+    return _CLIENT_SETS.get(key, build)
+
+
+def client_store(cfg: RunConfig, namespace: str) -> ClientStore:
+    """The per-client store: ``run.store-dir``, else ``$FEDLORA_STORE``, else ``<output-dir>/client-store``."""
+    root = cfg.run.store_dir or os.environ.get("FEDLORA_STORE") or str(Path(cfg.run.output_dir) / "client-store")
+    return ClientStore(root, namespace)
+
+
+def restore_optimizer_state(
+    cfg: RunConfig,
+    node_config: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    server_round: int,
+) -> bool:
+    """With ``train.keep-optimizer-state``, load this client's optimizer state from its last round.
+
+    State saved in round ``server_round`` or later cannot come from an earlier
+    round of this run (it is left over from another run in the same store), so
+    it is ignored. Returns whether state was restored.
+    """
+    if not cfg.train.keep_optimizer_state:
+        return False
+    found = client_store(cfg, "optimizer").load_with_metadata(client_key(node_config))
+    if found is None:
+        return False
+    tensors, metadata = found
+    if int(metadata.get("round", server_round)) >= server_round:
+        log(INFO, "optimizer state of %s is from round %s, not before %d: ignored", client_key(node_config),
+            metadata.get("round"), server_round)  # fmt: skip
+        return False
+    return restore_optimizer(optimizer, model, tensors) > 0
+
+
+def keep_optimizer_state(
+    cfg: RunConfig,
+    node_config: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    server_round: int,
+) -> None:
+    """With ``train.keep-optimizer-state``, save this client's optimizer state after round ``server_round``."""
+    if cfg.train.keep_optimizer_state:
+        client_store(cfg, "optimizer").save(
+            client_key(node_config), optimizer_tensors(optimizer, model), {"round": str(server_round)}
+        )
+
+
+def load_local_tensors(
+    cfg: RunConfig, node_config: Mapping[str, Any], server_round: int, message_type: str
+) -> dict[str, Tensor] | None:
+    """The client's local tensors (those a strategy never sends: FedSA's B, personal adapters), if it has any.
+
+    They were saved after a training round; a training message of round t takes
+    them from a round before t, an evaluation message of round t from t or
+    before. Newer ones are left over from another run in the same store: ignored.
+    """
+    found = client_store(cfg, "local").load_with_metadata(client_key(node_config))
+    if found is None:
+        return None
+    tensors, metadata = found
+    saved = int(metadata.get("round", 0))
+    return tensors if saved < server_round or (message_type != "train" and saved == server_round) else None
+
+
+def save_local_tensors(
+    cfg: RunConfig, node_config: Mapping[str, Any], server_round: int, tensors: Mapping[str, Tensor]
+) -> None:
+    """Keep the client's local tensors after training round ``server_round``, on disk (:mod:`fedlora.store`)."""
+    client_store(cfg, "local").save(client_key(node_config), tensors, {"round": str(server_round)})

@@ -57,14 +57,23 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, lr
 
 
 def train_steps(
-    model: torch.nn.Module, loader: DataLoader, steps: int, optimizer: torch.optim.Optimizer, max_grad_norm: float
+    model: torch.nn.Module,
+    loader: DataLoader,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float,
+    after_step: Callable[[int], None] | None = None,
 ) -> float:
-    """Run ``steps`` optimizer steps (cycling through ``loader``); return the mean training loss."""
+    """Run ``steps`` optimizer steps (cycling through ``loader``); return the mean training loss.
+
+    ``after_step(i)`` runs after optimizer step ``i``, while the gradients are
+    still there (AdaLoRA's budget allocator reads them).
+    """
     model.train()
     params = trainable_parameters(model)
     device = params[0].device
     losses = []
-    for batch in itertools.islice(itertools.cycle(loader), steps):
+    for step, batch in enumerate(itertools.islice(itertools.cycle(loader), steps)):
         loss = model(**_to(batch, device)).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
@@ -72,6 +81,8 @@ def train_steps(
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+        if after_step:
+            after_step(step)
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return sum(losses) / len(losses)

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from fedlora.aggregation import LORA_E
+
 
 class InvalidUpdate(ValueError):
     """An adapter state or its metadata is malformed."""
@@ -30,7 +32,8 @@ def check_state(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
     for key, tensor in state.items():
         expected = tuple(reference[key].shape)
         if tuple(tensor.shape) != expected:
-            raise InvalidUpdate(f"tensor '{key}' has shape {tuple(tensor.shape)}, expected {expected}")
+            hint = _rank_hint(key, tuple(tensor.shape), expected)
+            raise InvalidUpdate(f"tensor '{key}' has shape {tuple(tensor.shape)}, expected {expected}{hint}")
         if not torch.is_floating_point(tensor):
             raise InvalidUpdate(f"tensor '{key}' has dtype {tensor.dtype}, expected a floating dtype")
         if not torch.isfinite(tensor).all():
@@ -42,6 +45,45 @@ def check_weight(value: object, key: str = "num-examples") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise InvalidUpdate(f"metric '{key}' must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def rank_masks(state: Mapping[str, Tensor], pattern: Mapping[str, object]) -> dict[str, Tensor]:
+    """Per AdaLoRA ``lora_E`` tensor of ``state``, the boolean mask of the rank indices its client kept.
+
+    ``pattern`` maps ``lora_E`` keys to lists of booleans (an empty pattern: the
+    client has pruned nothing yet). A pattern must cover every ``lora_E`` tensor
+    with one flag per index, and a pruned index must have a zero singular value:
+    otherwise the reply's pattern and tensors disagree and it is rejected.
+    """
+    e_keys = [k for k in state if LORA_E in k]
+    if not pattern:
+        return {k: torch.ones(state[k].numel(), dtype=torch.bool) for k in e_keys}
+    if sorted(pattern) != sorted(e_keys):
+        raise InvalidUpdate(
+            f"rank pattern covers {_names(sorted(pattern))}, expected the lora_E tensors {_names(e_keys)}"
+        )
+    masks = {}
+    for key in e_keys:
+        flags = pattern[key]
+        if (
+            not isinstance(flags, list)
+            or len(flags) != state[key].numel()
+            or not all(isinstance(f, bool) for f in flags)
+        ):
+            raise InvalidUpdate(f"rank pattern of '{key}' must be {state[key].numel()} booleans, got {flags!r}")
+        mask = torch.tensor(flags)
+        if (state[key].flatten()[~mask] != 0).any():
+            raise InvalidUpdate(f"rank pattern of '{key}' marks indices pruned whose singular value is not zero")
+        masks[key] = mask
+    return masks
+
+
+def _rank_hint(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """For a LoRA factor whose other dimension is right: the rank it has and the rank it was sent."""
+    axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+    if axis is None or len(shape) != 2 or len(expected) != 2 or shape[1 - axis] != expected[1 - axis]:
+        return ""
+    return f" (rank {shape[axis]}, but it was sent rank {expected[axis]})"
 
 
 def _names(keys: list[str], limit: int = 3) -> str:

@@ -9,23 +9,120 @@ end it saves the global adapter as a peft folder ``<output-dir>/adapter`` for
 from __future__ import annotations
 
 import random
+import time
+from collections import Counter
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
+from torch.utils.data import DataLoader
 
 from fedlora import runtime
 from fedlora.adapter import adapter_state, load_adapter_state
 from fedlora.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from fedlora.config import RunConfig, from_run_config
+from fedlora.config import RunConfig, for_task, from_run_config, task_names
+from fedlora.methods.mtlora import task_adapter, task_state
 from fedlora.report import RoundReport, save_adapter
 from fedlora.training import evaluate
 from fedlora.wire import from_record, to_record
 from strategies import build_strategy
 
 app = ServerApp()
+
+
+class ProgressGrid:
+    """A Flower ``Grid`` that counts each round's clients and logs progress while a round waits for them.
+
+    Flower's ``send_and_receive`` blocks silently until every sampled client has
+    replied; with many clients or long local training a round can take minutes.
+    This wrapper does the same push-then-pull loop (same poll interval as the
+    wrapped grid), logs "k/n clients done" every ``interval`` seconds, and keeps
+    per-round counts of messages sent and good replies for the round report.
+    Everything else is delegated to the wrapped grid.
+    """
+
+    def __init__(self, grid: Grid, interval: float = 30.0) -> None:
+        self.grid = grid
+        self.interval = interval
+        self.counts: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def take_counts(self) -> dict[str, int]:
+        """Messages sent (``<type>-sampled``) and good replies (``<type>-replies``) since the last call."""
+        counts, self.counts = dict(self.counts), Counter()
+        return counts
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Push ``messages``, then pull replies until all are in or ``timeout`` seconds have passed."""
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else ""
+        pending = set(self.grid.push_messages(messages))
+        sent = len(pending)
+        self.counts[f"{kind}-sampled"] += sent
+        started = last_log = time.monotonic()
+        poll = float(getattr(self.grid, "pull_interval", 3.0))  # Flower's HTTP grid polls every 3 s
+        replies: list[Message] = []
+        while pending:
+            new = list(self.grid.pull_messages(pending))
+            replies += new
+            pending.difference_update(m.metadata.reply_to_message_id for m in new)
+            self.counts[f"{kind}-replies"] += sum(not m.has_error() for m in new)
+            now = time.monotonic()
+            if not pending or (timeout is not None and now - started >= timeout):
+                break
+            if now - last_log >= self.interval:
+                log(INFO, "%s: %d/%d clients done, %.0fs", kind, sent - len(pending), sent, now - started)
+                last_log = now
+            time.sleep(poll)
+        return replies
+
+
+def summary_table(rounds: list[dict[str, Any]]) -> list[str]:
+    """The end-of-run table: one Markdown row per round of ``metrics.json``'s entries."""
+    metrics = sorted({k for r in rounds for k in r.get("server-eval", {}) if k != "num-examples"})
+    header = ["round", "clients", "time s", "train loss", *metrics, "MB up", "MB down"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rounds:
+        clients = r.get("clients", {})
+        cells = [
+            str(r["round"]),
+            f"{clients['train-replies']}/{clients['train-sampled']}" if "train-sampled" in clients else "",
+            f"{r.get('round-time-s', 0):.1f}",
+            f"{r['train']['train-loss']:.4f}" if "train-loss" in r.get("train", {}) else "",
+            *(f"{r['server-eval'][m]:.4f}" if m in r.get("server-eval", {}) else "" for m in metrics),
+            f"{r.get('bytes-up', 0) / 1e6:.2f}",
+            f"{r.get('bytes-down', 0) / 1e6:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def evaluate_tasks(
+    bench: runtime.Workbench, loaders: dict[str, DataLoader], state: dict[str, Tensor]
+) -> dict[str, dict]:
+    """Central evaluation of ``state``, per task: the shared adapter with that task's (one entry "" without tasks)."""
+    per_task = {}
+    for task, loader in loaders.items():
+        bench.method.activate(bench.model, task)
+        load_adapter_state(bench.model, task_state(state, task) if task else state)
+        per_task[task] = evaluate(bench.model, loader, bench.task)
+    bench.method.activate(bench.model, "")
+    return per_task
+
+
+def mean_over_tasks(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Every metric averaged over the tasks, weighted by their test examples (``num-examples``: the total)."""
+    total = sum(m["num-examples"] for m in per_task.values())
+    keys = set.intersection(*(set(m) for m in per_task.values())) - {"num-examples"}
+    mean = {k: sum(m[k] * m["num-examples"] for m in per_task.values()) / total for k in sorted(keys)}
+    return {**mean, "num-examples": total}
 
 
 @app.main()
@@ -41,6 +138,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     ``resume = true`` it continues from the last checkpointed round.
     """
     strategy = build_strategy(cfg)  # fails on a bad strategy name before anything loads
+    grid = ProgressGrid(grid)  # type: ignore[assignment]  # counts clients, logs progress within a round
     output_dir = Path(cfg.run.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = output_dir / "checkpoint"
@@ -49,7 +147,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         log(WARNING, "resume: no checkpoint in %s; starting from round 1", checkpoint_dir)
     done = resumed.server_round if resumed else 0
     bench = runtime.workbench(cfg)
-    test_loader = bench.loader(runtime.test_set(cfg), cfg.eval.batch_size)
+    tasks = task_names(cfg)
+    test_loaders = {
+        task: bench.loader(runtime.test_set(for_task(cfg, task) if task else cfg), cfg.eval.batch_size)
+        for task in tasks or [""]
+    }
     report = RoundReport(output_dir / "metrics.json", cfg.run.num_server_rounds, resumed.metrics if resumed else None)
     latest = resumed.arrays if resumed else to_record(adapter_state(bench.model), cfg.wire.dtype)
     if resumed:
@@ -62,10 +164,14 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         nonlocal latest
         server_round += done
         latest = arrays
-        load_adapter_state(bench.model, from_record(arrays))
-        metrics = evaluate(bench.model, test_loader, bench.task)
+        per_task = evaluate_tasks(bench, test_loaders, from_record(arrays))
+        metrics = per_task[""] if "" in per_task else mean_over_tasks(per_task)
         if not (resumed and server_round == done):  # that round was recorded before the interruption
-            report.add(server_round, {**strategy.round_log.get(server_round, {}), "server-eval": metrics})
+            clients = grid.take_counts()  # type: ignore[attr-defined]
+            entry = {**strategy.round_log.get(server_round, {}), "server-eval": metrics}
+            if tasks:
+                entry["server-eval-per-task"] = per_task
+            report.add(server_round, {**entry, "clients": clients} if clients else entry)
             save_checkpoint(
                 checkpoint_dir,
                 Checkpoint(server_round, arrays, dict(strategy.round_log), report.rounds, random.getstate()),
@@ -81,5 +187,16 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     load_adapter_state(bench.model, from_record(latest))
     save_adapter(bench.model, output_dir / "adapter")
     log(INFO, "Global adapter saved to %s (load it with peft.PeftModel.from_pretrained)", output_dir / "adapter")
+    for task in tasks:  # shared + task-specific, in peft's multi-adapter layout
+        save_adapter(bench.model, output_dir / f"adapter-{task}", ["default", task_adapter(task)])
+        log(
+            INFO,
+            "Task '%s': shared adapter and %s saved to %s",
+            task,
+            task_adapter(task),
+            output_dir / f"adapter-{task}",
+        )
+    for line in ["Summary:", *summary_table(report.rounds)]:
+        log(INFO, "%s", line)
     log(INFO, "Per-round metrics in %s", output_dir / "metrics.json")
     return latest

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from fedlora.adapter import adapter_state
 from fedlora.config import from_run_config
 from fedlora.methods import METHODS, get_method
 from fedlora.models import model_dir
-from simulations.run import ROOT, flwr_run, run_config_arg
+from simulations.run import ROOT, run_and_read
 
 # Each method at a learning rate in the range its paper recommends (LoRA+ halves LoRA's, as Hayou et al. advise;
 # VeRA and the prompt methods train far fewer parameters and want larger steps).
@@ -69,12 +68,7 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         overrides = method_overrides(method, args)
-        started = time.monotonic()
-        run = flwr_run(run_config_arg(overrides), args.clients, capture=True)
-        wall = time.monotonic() - started
-        if run.returncode != 0:
-            raise SystemExit(f"{method} failed:\n{(run.stdout + run.stderr)[-3000:]}")
-        rounds = json.loads((Path(overrides["output-dir"]) / "metrics.json").read_text())["rounds"]
+        rounds, wall = run_and_read(overrides, args.clients)
         state = adapter_state(runtime.workbench(from_run_config(overrides)).model)
         rows.append(
             {

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fedlora.pki import create_ca, create_node_key, create_server_certificate
-from simulations.run import ROOT, flwr_env, process_tree, stop_processes
+from simulations.run import LOCAL_SUPERLINK_LOCK, ROOT, flwr_env, process_tree, stop_processes
 
 CONNECTION = "fedlora-local"
 
@@ -62,7 +62,12 @@ class LocalDeployment:
         return process
 
     def start_superlink(self) -> subprocess.Popen:
-        """The SuperLink: TLS with the CA's server certificate, node authentication on, no dependency installs."""
+        """The SuperLink: TLS with the CA's server certificate, node authentication on, no dependency installs.
+
+        Holds the local SuperLink lock until :meth:`stop`: ``flwr run`` on a local
+        simulation refuses to start beside a foreign SuperLink.
+        """
+        LOCAL_SUPERLINK_LOCK.acquire()
         return self._start(
             "superlink",
             [
@@ -133,6 +138,8 @@ class LocalDeployment:
         stop_processes(process_tree([p.pid for p in self.processes]))
         for process in self.processes:
             process.wait()
+        if LOCAL_SUPERLINK_LOCK.is_locked:
+            LOCAL_SUPERLINK_LOCK.release()
 
 
 def main() -> None:

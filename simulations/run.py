@@ -11,14 +11,21 @@ stops that SuperLink by PID when the run ends.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from filelock import FileLock
+
 ROOT = Path(__file__).resolve().parents[1]
+# Held while a local SuperLink runs, so that concurrent local runs (two test
+# sessions, a benchmark and a test) queue instead of colliding on its ports.
+LOCAL_SUPERLINK_LOCK = FileLock(Path(tempfile.gettempdir()) / "fedlora-local-superlink.lock")
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
@@ -110,10 +117,14 @@ def run_config_arg(overrides: dict[str, object]) -> str:
     return " ".join(f"{key}={toml(value)}" for key, value in overrides.items())
 
 
-def flwr_command(run_config: str = "", num_supernodes: int = 4) -> list[str]:
-    """The ``flwr run . --stream`` command line for ``run_config`` overrides."""
+def flwr_command(run_config: str = "", num_supernodes: int = 4, federation_config: str = "") -> list[str]:
+    """The ``flwr run . --stream`` command line for ``run_config`` overrides.
+
+    ``federation_config`` adds simulation keys (``client-resources-num-cpus=1
+    init-args-num-cpus=2``, see docs/simulation.md) to ``num-supernodes``.
+    """
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "--stream"]
-    cmd += ["--federation-config", f"num-supernodes={num_supernodes}"]
+    cmd += ["--federation-config", f"num-supernodes={num_supernodes} {federation_config}".strip()]
     return cmd + (["--run-config", run_config] if run_config else [])
 
 
@@ -123,21 +134,38 @@ def flwr_run(
     flwr_home: Path | None = None,
     timeout: float | None = None,
     capture: bool = False,
+    federation_config: str = "",
 ) -> subprocess.CompletedProcess[str]:
     """``flwr run . --stream`` with ``run_config`` overrides; the SuperLink is stopped afterwards."""
     flwr_home = flwr_home or ROOT / ".flwr"
-    if foreign := sorted(set(superlink_pids()) - set(superlink_pids(flwr_home))):
-        raise RuntimeError(
-            f"another local Flower SuperLink is running (PID {', '.join(map(str, foreign))}) and holds the "
-            "ports `flwr run` uses; stop it first (kill PID)"
-        )
-    cmd = flwr_command(run_config, num_supernodes)
-    try:
-        return subprocess.run(
-            cmd, env=flwr_env(flwr_home), cwd=ROOT, timeout=timeout, text=True, capture_output=capture, check=False
-        )
-    finally:
-        stop_superlink(flwr_home)
+    with LOCAL_SUPERLINK_LOCK:
+        if foreign := sorted(set(superlink_pids()) - set(superlink_pids(flwr_home))):
+            raise RuntimeError(
+                f"another local Flower SuperLink is running (PID {', '.join(map(str, foreign))}) and holds the "
+                "ports `flwr run` uses; stop it first (kill PID)"
+            )
+        try:
+            return subprocess.run(
+                flwr_command(run_config, num_supernodes, federation_config),
+                env=flwr_env(flwr_home),
+                cwd=ROOT,
+                timeout=timeout,
+                text=True,
+                capture_output=capture,
+                check=False,
+            )
+        finally:
+            stop_superlink(flwr_home)
+
+
+def run_and_read(overrides: dict[str, object], clients: int) -> tuple[list[dict], float]:
+    """``flwr run`` with ``overrides`` (which must set ``output-dir``); its metrics.json rounds and wall seconds."""
+    started = time.monotonic()
+    run = flwr_run(run_config_arg(overrides), clients, capture=True)
+    wall = time.monotonic() - started
+    if run.returncode != 0:
+        raise RuntimeError(f"flwr run failed with {overrides}:\n{(run.stdout + run.stderr)[-3000:]}")
+    return json.loads((Path(str(overrides["output-dir"])) / "metrics.json").read_text())["rounds"], wall
 
 
 def main() -> None:
@@ -145,9 +173,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=4, help="virtual clients (num-supernodes)")
     parser.add_argument("-c", "--run-config", default="", help='overrides, e.g. "num-server-rounds=2"')
+    parser.add_argument(
+        "-f", "--federation-config", default="", help='simulation keys, e.g. "client-resources-num-cpus=1"'
+    )
     args = parser.parse_args()
     started = time.monotonic()
-    result = flwr_run(args.run_config, args.clients)
+    result = flwr_run(args.run_config, args.clients, federation_config=args.federation_config)
     print(f"[fedlora] flwr run finished in {time.monotonic() - started:.0f}s with exit code {result.returncode}")
     sys.exit(result.returncode)
 

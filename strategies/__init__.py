@@ -1,25 +1,59 @@
-"""Server aggregation strategies, one class per module, selected by ``strategy.name``."""
+"""Server aggregation strategies, one class per module, selected by ``strategy.name``.
+
+``strategy.name`` is a name below or the import path ``package.module:Class``
+of any :class:`strategies.base.AdapterStrategy` subclass (docs/strategies.md).
+"""
 
 from __future__ import annotations
 
-from fedlora.config import RunConfig
+import importlib
+
+from fedlora.config import ConfigError, RunConfig
+from strategies.adalora_merge import AdaLoRAMerge
 from strategies.base import AdapterStrategy
 from strategies.fedavg_factors import FedAvgFactors
 from strategies.fedavg_products import FedAvgProducts
+from strategies.fedsa import FedSA
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
+from strategies.local_only import LocalOnly
+from strategies.mtlora import MTLoRA
 
 STRATEGIES: dict[str, type[AdapterStrategy]] = {
     "fedavg-factors": FedAvgFactors,
     "fedavg-products": FedAvgProducts,
+    "hetlora": HetLoRA,
+    "flexlora": FlexLoRA,
+    "flora": FLoRA,
+    "adalora-merge": AdaLoRAMerge,
+    "mtlora": MTLoRA,
+    "fedsa": FedSA,
+    "local-only": LocalOnly,
 }
 
 
+def strategy_class(name: str) -> type[AdapterStrategy]:
+    """The class registered as ``name``, or imported from ``package.module:Class``."""
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    module, _, attr = name.partition(":")
+    if not attr:
+        raise ConfigError(f"unknown strategy '{name}'; expected one of {', '.join(STRATEGIES)} or 'module:Class'")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"strategy.name='{name}': cannot import it ({err})") from err
+    if not (isinstance(cls, type) and issubclass(cls, AdapterStrategy)):
+        raise ConfigError(f"strategy.name='{name}' is not a subclass of strategies.base.AdapterStrategy")
+    return cls
+
+
 def build_strategy(cfg: RunConfig) -> AdapterStrategy:
-    """The strategy named by ``strategy.name``, with the run's sampling settings."""
-    name = cfg.strategy.name
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{name}'; expected one of {', '.join(STRATEGIES)}")
+    """The strategy named by ``strategy.name``, with the run's sampling settings and its own options."""
+    cls = strategy_class(cfg.strategy.name)
     min_nodes = cfg.run.min_train_nodes
-    return STRATEGIES[name](
+    return cls(
         fraction_train=cfg.run.fraction_train,
         fraction_evaluate=cfg.run.fraction_evaluate,
         min_train_nodes=min_nodes,
@@ -28,7 +62,22 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
         wire_dtype=cfg.wire.dtype,
         min_replies=cfg.run.min_replies,
         max_update_norm=cfg.run.max_update_norm,
+        **cls.options(cfg),
     )
 
 
-__all__ = ["STRATEGIES", "AdapterStrategy", "FedAvgFactors", "FedAvgProducts", "build_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "AdaLoRAMerge",
+    "AdapterStrategy",
+    "FLoRA",
+    "FedAvgFactors",
+    "FedAvgProducts",
+    "FedSA",
+    "FlexLoRA",
+    "HetLoRA",
+    "LocalOnly",
+    "MTLoRA",
+    "build_strategy",
+    "strategy_class",
+]

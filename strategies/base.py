@@ -14,9 +14,17 @@ metric aggregation) plus what adapters need:
 * the new global adapter is rounded to the transport dtype, so the server's
   evaluation, the clients and the saved adapter all see the same numbers.
 
-A strategy only implements :meth:`AdapterStrategy.aggregate_states`, a function
+A strategy implements :meth:`AdapterStrategy.aggregate_states`, a function
 from the accepted clients' states and weights to the new global state, usually
-by calling the pure functions of :mod:`fedlora.aggregation`.
+by calling the pure functions of :mod:`fedlora.aggregation`. A strategy that
+sends nodes different adapters (clients of different LoRA ranks, of different
+tasks) sets ``per_node = True`` and implements
+:meth:`AdapterStrategy.client_state`, the adapter for a node's
+:class:`NodeProfile`: the base then asks each node its profile once (a Flower
+``query`` message answered by the client app from its node config) and sends
+every node its own adapter. Replies are checked against what that node was
+sent, so a reply of the wrong rank or task is excluded like any other
+malformed one. docs/strategies.md walks through writing a strategy.
 """
 
 from __future__ import annotations
@@ -25,17 +33,30 @@ import math
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, ClassVar
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
+from fedlora.adapter import split_residual
+from fedlora.aggregation import LORA_A
+from fedlora.config import RANK_KEY, TASK_KEY, RunConfig
 from fedlora.validation import InvalidUpdate, check_state, check_weight
 from fedlora.wire import from_record, record_nbytes, to_record
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    """What a node told the server about itself: its LoRA rank and its task ("" when the run has no tasks)."""
+
+    rank: int
+    task: str = ""
 
 
 class AdapterStrategy(FedAvg):
@@ -47,6 +68,8 @@ class AdapterStrategy(FedAvg):
     accepted L2 norm of a reply's update (0: no bound).
     """
 
+    per_node: ClassVar[bool] = False  # True: ask nodes their profile and send each its own adapter
+
     def __init__(
         self, *, wire_dtype: str = "float32", min_replies: int = 1, max_update_norm: float = 0.0, **fedavg_kwargs: Any
     ) -> None:
@@ -56,9 +79,18 @@ class AdapterStrategy(FedAvg):
         self.max_update_norm = max_update_norm
         self.round_offset = 0  # rounds already done by an earlier, interrupted run
         self.global_state: dict[str, Tensor] = {}
+        self.current_round = 0  # the round being trained, as clients are told (round_offset included)
+        self.profiles: dict[int, NodeProfile] = {}  # answers to the profile query, kept for the whole run
+        self.sent: dict[int, dict[str, Tensor]] = {}  # this round's training messages: replies must match
+        self._grid: Grid | None = None
         # Per round: bytes, exclusions, aggregated metrics and whatever a subclass
         # records; JSON-serialisable, written to metrics.json by the server app.
         self.round_log: dict[int, dict[str, Any]] = defaultdict(dict)
+
+    @classmethod
+    def options(cls, cfg: RunConfig) -> dict[str, Any]:
+        """Constructor arguments this strategy takes from the run config (default: none)."""
+        return {}
 
     @abstractmethod
     def aggregate_states(
@@ -66,20 +98,81 @@ class AdapterStrategy(FedAvg):
     ) -> dict[str, Tensor]:
         """New global adapter state from the accepted clients' states (float32) and weights."""
 
+    def client_state(self, profile: NodeProfile) -> dict[str, Tensor]:
+        """The adapter sent to a node with ``profile`` (default: the global adapter itself)."""
+        return self.global_state
+
+    def check_profile(self, profile: NodeProfile) -> None:
+        """Raise :class:`InvalidUpdate` if this strategy cannot serve a node with ``profile`` (default: rank check)."""
+        if not 1 <= profile.rank <= self.global_rank:
+            raise InvalidUpdate(f"'{RANK_KEY}' must be an integer in 1..{self.global_rank}, got {profile.rank}")
+
+    @property
+    def global_rank(self) -> int:
+        """The largest rank of the global adapter's LoRA layers (0 without any)."""
+        return max((t.shape[0] for k, t in self.global_state.items() if LORA_A in k), default=0)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's sampling; remembers the adapter sent, to check replies against it."""
+        """FedAvg's sampling, one message per node; remembers what each node was sent, to check its reply."""
         server_round += self.round_offset
-        self.global_state = from_record(arrays)
+        self.global_state, self._grid, self.sent, self.current_round = from_record(arrays), grid, {}, server_round
         return self._count_down(server_round, super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluation sampling, with bytes counted."""
+        """FedAvg's evaluation sampling, one message per node, with bytes counted."""
         server_round += self.round_offset
+        self.global_state, self._grid = from_record(arrays), grid
         return self._count_down(server_round, super().configure_evaluate(server_round, arrays, config, grid))
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
+        """Each node's message (FedAvg builds them all here): :meth:`client_state` for its profile."""
+        if self.per_node:
+            node_ids = self._with_profile(node_ids)
+        encoded: dict[NodeProfile | None, tuple[dict[str, Tensor], ArrayRecord]] = {}  # one per distinct profile
+        messages = []
+        for node_id in node_ids:
+            profile = self.profiles[node_id] if self.per_node else None
+            if profile not in encoded:
+                state = self.client_state(profile) if profile else self.global_state
+                arrays = to_record(state, self.wire_dtype) if profile else record[self.arrayrecord_key]
+                encoded[profile] = (split_residual(state)[0], arrays)
+            expected, arrays = encoded[profile]
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record[self.configrecord_key]})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+            if message_type == MessageType.TRAIN:
+                self.sent[node_id] = expected
+        return messages
+
+    def _with_profile(self, node_ids: list[int]) -> list[int]:
+        """Ask the nodes whose profile is unknown (once per node); drop those this strategy cannot serve."""
+        unknown = [n for n in node_ids if n not in self.profiles]
+        if unknown and self._grid is not None:
+            query = RecordDict({self.configrecord_key: ConfigRecord({"ask": [RANK_KEY, TASK_KEY]})})
+            asks = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+            for reply in self._grid.send_and_receive(asks):
+                node = reply.metadata.src_node_id
+                try:
+                    self.profiles[node] = self._profile(reply)
+                except InvalidUpdate as err:
+                    log(WARNING, "node %d left out: %s", node, err)
+        return [n for n in node_ids if n in self.profiles]
+
+    def _profile(self, reply: Message) -> NodeProfile:
+        if reply.has_error():
+            raise InvalidUpdate(f"profile query failed: {reply.error.reason}")
+        answer = next(iter(reply.content.config_records.values()), {})
+        rank, task = answer.get(RANK_KEY), answer.get(TASK_KEY, "")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not isinstance(task, str):
+            raise InvalidUpdate(
+                f"profile must hold an integer '{RANK_KEY}' and a text '{TASK_KEY}', got {dict(answer)}"
+            )
+        profile = NodeProfile(rank, task)
+        self.check_profile(profile)
+        return profile
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -109,7 +202,7 @@ class AdapterStrategy(FedAvg):
             )
             return None, None
         new_state = self.aggregate_states(server_round, states, weights)
-        check_state(new_state, self.global_state)  # a strategy bug must not ship a broken adapter
+        self._check_global(new_state)  # a strategy bug must not ship a broken adapter
         metrics = self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key)
         self.round_log[server_round]["train"] = dict(metrics)
         for key, value in self.round_log[server_round].items():
@@ -158,16 +251,27 @@ class AdapterStrategy(FedAvg):
     def decode_reply(self, reply: Message) -> tuple[dict[str, Tensor], float]:
         """A training reply's adapter state and aggregation weight; :class:`InvalidUpdate` if malformed."""
         weight = self._weight(reply, expect_arrays=True)
+        sent = self.sent.get(reply.metadata.src_node_id)
+        if sent is None:
+            raise InvalidUpdate("this node was not sent an adapter to train this round")
         try:
             state = from_record(reply.content[self.arrayrecord_key])
         except (ValueError, TypeError) as err:
             raise InvalidUpdate(str(err)) from err
-        check_state(state, self.global_state)
+        check_state(state, sent)
         if self.max_update_norm:
-            norm = math.sqrt(sum(float((state[k] - v).square().sum()) for k, v in self.global_state.items()))
+            norm = math.sqrt(sum(float((state[k] - v).square().sum()) for k, v in sent.items()))
             if norm > self.max_update_norm:
                 raise InvalidUpdate(f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")
         return state, weight
+
+    def _check_global(self, new_state: dict[str, Tensor]) -> None:
+        """The new global adapter has the old one's tensors and shapes (a residual may change rank), all finite."""
+        new, new_residual = split_residual(new_state)
+        check_state(new, split_residual(self.global_state)[0])
+        for module, factors in new_residual.items():
+            if not all(torch.isfinite(f).all() for f in factors):
+                raise InvalidUpdate(f"residual of '{module}' contains NaN or Inf")
 
     def _exclude(self, server_round: int, reply: Message, reason: str) -> None:
         log(WARNING, "round %d: reply from node %d excluded: %s", server_round, reply.metadata.src_node_id, reason)

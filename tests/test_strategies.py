@@ -65,7 +65,7 @@ def test_fedavg_products_averages_products_and_records_truncation() -> None:
     strategy = configured(FedAvgProducts)
     states = [lora_state(1), lora_state(2), lora_state(3)]
     weights = [1.0, 1.0, 2.0]
-    replies = [reply(10 + i, s, w) for i, (s, w) in enumerate(zip(states, weights))]
+    replies = [reply(11 + i, s, w) for i, (s, w) in enumerate(zip(states, weights))]
     arrays, metrics = strategy.aggregate_train(1, replies)
     out = from_record(arrays)
     dense = sum(w / 4 * s["m.q.lora_B.weight"] @ s["m.q.lora_A.weight"] for s, w in zip(states, weights))
@@ -115,8 +115,8 @@ def test_a_bad_reply_is_excluded_with_its_reason_and_the_round_goes_on(
     strategy = configured(strategy_cls)
     good = lora_state(1)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        arrays, metrics = strategy.aggregate_train(3, [reply(11, good), reply(66, corrupt(kind))])
-    assert any("node 66 excluded" in r.getMessage() and re.search(reason, r.getMessage()) for r in caplog.records), [
+        arrays, metrics = strategy.aggregate_train(3, [reply(11, good), reply(12, corrupt(kind))])
+    assert any("node 12 excluded" in r.getMessage() and re.search(reason, r.getMessage()) for r in caplog.records), [
         r.getMessage() for r in caplog.records
     ]
     out = from_record(arrays)

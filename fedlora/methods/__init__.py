@@ -7,18 +7,32 @@ never editing the apps or the strategies.
 
 from __future__ import annotations
 
+from fedlora.methods.adalora import AdaLora
 from fedlora.methods.base import AdapterMethod
 from fedlora.methods.dora import Dora
 from fedlora.methods.lora import Lora
 from fedlora.methods.lora_fa import LoraFA
 from fedlora.methods.loraplus import LoraPlus
+from fedlora.methods.mtlora import MTLora
 from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning
 from fedlora.methods.qlora import QLora
 from fedlora.methods.vera import Vera
 
 METHODS: dict[str, AdapterMethod] = {
     method.name: method
-    for method in (Lora(), QLora(), Dora(), LoraFA(), LoraPlus(), Vera(), PromptTuning(), PTuning(), PrefixTuning())
+    for method in (
+        Lora(),
+        QLora(),
+        Dora(),
+        LoraFA(),
+        LoraPlus(),
+        AdaLora(),
+        MTLora(),
+        Vera(),
+        PromptTuning(),
+        PTuning(),
+        PrefixTuning(),
+    )
 }
 
 
@@ -29,4 +43,4 @@ def get_method(name: str) -> AdapterMethod:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "AdapterMethod", "get_method"]
+__all__ = ["METHODS", "AdapterMethod", "MTLora", "get_method"]

@@ -16,6 +16,7 @@ embeddings, a classification head) is averaged element-wise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -46,9 +47,23 @@ class AdapterMethod:
         """The frozen base model (QLoRA quantises it here)."""
         return load_base_model(path, task, num_labels)
 
+    def add_adapters(self, model: PeftModel, cfg: RunConfig, task: str) -> None:
+        """Add further peft adapters after the first one (default: none; MTLoRA adds one per task)."""
+
+    def activate(self, model: PeftModel, task: str) -> None:
+        """Make ``task``'s adapters the active, trainable ones ("": all of them; default: nothing to do)."""
+
     def freeze(self, model: PeftModel) -> None:
         """Freeze what peft leaves trainable but the method shares instead of training (default: nothing)."""
 
     def optimizer(self, model: PeftModel, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
         """The local optimizer for one round (default: ``train.optimizer`` over the trainable parameters)."""
         return make_optimizer(trainable_parameters(model), cfg.train, lr)
+
+    def step_hook(self, model: PeftModel, cfg: RunConfig, server_round: int) -> Callable[[int], None] | None:
+        """What runs after each local optimizer step of round ``server_round`` (default: nothing)."""
+        return None
+
+    def rank_pattern(self, model: PeftModel) -> dict[str, list[bool]]:
+        """Which rank indices of each layer are in use, keyed by tensor name (default: all, reported as ``{}``)."""
+        return {}

@@ -1,0 +1,71 @@
+"""MTLoRA: a task-agnostic LoRA shared by every task, plus a task-specific LoRA per task.
+
+Agiza et al., "MTLoRA: Low-Rank Adaptation Approach for Efficient Multi-Task
+Learning", CVPR 2024, https://arxiv.org/abs/2403.20320. The paper's
+task-agnostic modules sit everywhere and its task-specific ones at the end of
+each backbone stage. A decoder LM has one stage, so here the task-agnostic
+LoRA ("default") is on ``adapter.target-modules`` of every layer and each task's
+LoRA ("task-<name>") on ``mtlora.task-modules`` of the last
+``mtlora.task-layers`` layers, where the representation turns task-specific.
+
+Built with peft's multi-adapter support: all adapters live in one model; a
+client of task t activates "default" and "task-t" (:meth:`MTLora.activate`),
+so exactly those train and travel, and inference for task t uses shared + t.
+The server activates all (an empty task) to hold the whole global adapter.
+Federated aggregation of the two kinds is :class:`strategies.mtlora.MTLoRA`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from peft import LoraConfig, PeftModel
+from torch import Tensor
+
+from fedlora.config import RunConfig, task_names
+from fedlora.methods.base import task_type
+from fedlora.methods.lora import Lora
+
+
+def task_adapter(task: str) -> str:
+    """The peft adapter name of ``task``'s task-specific LoRA."""
+    return f"task-{task}"
+
+
+def task_of(key: str) -> str:
+    """The task whose task-specific LoRA tensor ``key`` is, or "" for a shared tensor."""
+    marker = next((part for part in key.split(".") if part.startswith("task-")), "")
+    return marker.removeprefix("task-")
+
+
+def task_state(state: Mapping[str, Tensor], task: str) -> dict[str, Tensor]:
+    """The shared tensors of ``state`` and those of ``task``: what a model activated for ``task`` holds."""
+    return {k: v for k, v in state.items() if task_of(k) in ("", task)}
+
+
+class MTLora(Lora):
+    """Shared LoRA ("default") plus one LoRA per task of ``data.tasks``."""
+
+    name = "mtlora"
+
+    def add_adapters(self, model: PeftModel, cfg: RunConfig, task: str) -> None:
+        """Add one task-specific LoRA per task on the last ``mtlora.task-layers`` layers, all active."""
+        layers = model.base_model.model.config.num_hidden_layers
+        for name in task_names(cfg):
+            config = LoraConfig(
+                task_type=task_type(task),
+                r=cfg.mtlora.task_r,
+                lora_alpha=cfg.adapter.alpha * cfg.mtlora.task_r / cfg.adapter.r,  # the shared LoRA's scaling
+                lora_dropout=cfg.adapter.dropout,
+                target_modules=[m.strip() for m in cfg.mtlora.task_modules.split(",") if m.strip()],
+                layers_to_transform=list(range(max(0, layers - cfg.mtlora.task_layers), layers)),
+            )
+            model.add_adapter(task_adapter(name), config)
+        self.activate(model, "")
+
+    def activate(self, model: PeftModel, task: str) -> None:
+        """Make the shared LoRA and ``task``'s LoRA the active, trainable ones ("": every task's)."""
+        names = [n for n in model.peft_config if n != "default" and (not task or n == task_adapter(task))]
+        if task and not names:
+            raise ValueError(f"unknown task '{task}'; this model has tasks {sorted(model.peft_config)}")
+        model.base_model.set_adapter(["default", *names])

@@ -1,0 +1,97 @@
+"""The base of strategies that split the adapter: tensors global, per group of clients, or local to each client.
+
+Federated multi-task and personalised LoRA differ from FedAvg only in *who
+shares which tensor*. A :class:`SplitStrategy` names, per tensor key, its scope:
+
+* ``GLOBAL``: sent to every client and averaged over all of them;
+* a group name (a task): sent to, and averaged over, only that group's clients;
+* ``LOCAL``: never sent nor aggregated; it stays on the client, which keeps it
+  between rounds in its on-disk store (:func:`fedlora.runtime.save_local_tensors`),
+  because a client replies with exactly the tensors it was sent.
+
+Within each scope, the averaging is that of ``strategy.within``
+(:class:`strategies.fedavg_factors.FedAvgFactors` or
+:class:`strategies.fedavg_products.FedAvgProducts`). A reply carrying another
+group's tensors was not sent them, so the base rejects it. Client-side
+evaluation is also reported per group (``client-eval-per-group`` in metrics.json).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from flwr.app import Message, MetricRecord
+from torch import Tensor
+
+from fedlora.config import RunConfig
+from strategies.base import AdapterStrategy, NodeProfile
+from strategies.fedavg_factors import FedAvgFactors
+from strategies.fedavg_products import FedAvgProducts
+
+
+class SplitStrategy(AdapterStrategy):
+    """Aggregate each tensor over the clients that share it: all, a group, or none."""
+
+    per_node = True
+    GLOBAL: ClassVar[str] = "global"
+    LOCAL: ClassVar[str] = "local"
+
+    def __init__(self, *, within: str = "fedavg-factors", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.math: AdapterStrategy = FedAvgProducts() if within == "fedavg-products" else FedAvgFactors()
+        self.math.round_log = self.round_log  # what the inner math records lands in this run's metrics
+
+    @classmethod
+    def options(cls, cfg: RunConfig) -> dict[str, Any]:
+        """``strategy.within``."""
+        return {"within": cfg.strategy.within}
+
+    @abstractmethod
+    def scope(self, key: str) -> str:
+        """``GLOBAL``, ``LOCAL`` or the name of the group whose clients share tensor ``key``."""
+
+    def group(self, profile: NodeProfile) -> str:
+        """The group a node belongs to (default: its task)."""
+        return profile.task
+
+    def client_state(self, profile: NodeProfile) -> dict[str, Tensor]:
+        """The global tensors and those of the node's group; nothing local."""
+        shared = (self.GLOBAL, self.group(profile))
+        return {k: v for k, v in self.global_state.items() if self.scope(k) in shared}
+
+    def aggregate_states(
+        self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
+    ) -> dict[str, Tensor]:
+        """Each scope's tensors averaged over the clients that hold them; a group without replies keeps its own."""
+        by_scope: dict[str, list[str]] = defaultdict(list)
+        for key in self.global_state:
+            by_scope[self.scope(key)].append(key)
+        new_state = dict(self.global_state)
+        for scope, keys in by_scope.items():
+            members = [(s, w) for s, w in zip(states, weights, strict=True) if keys[0] in s]
+            if scope == self.LOCAL or not members:
+                continue
+            self.math.global_state = {k: self.global_state[k] for k in keys}
+            subsets = [{k: s[k] for k in keys} for s, _ in members]
+            new_state.update(self.math.aggregate_states(server_round, subsets, [w for _, w in members]))
+        return new_state
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The overall weighted average, and one per group in ``round_log``."""
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        groups: dict[str, list[Message]] = defaultdict(list)
+        for reply in replies:
+            profile = self.profiles.get(reply.metadata.src_node_id)
+            if profile and not reply.has_error():
+                groups[self.group(profile)].append(reply)
+        per_group = {}
+        for group, members in sorted(groups.items()):
+            if group_metrics := super().aggregate_evaluate(server_round, members):
+                per_group[group or "all"] = dict(group_metrics)
+        self.round_log[server_round + self.round_offset]["client-eval-per-group"] = per_group
+        self.round_log[server_round + self.round_offset]["client-eval"] = dict(metrics) if metrics else {}
+        return metrics
