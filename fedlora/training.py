@@ -92,22 +92,31 @@ def train_steps(
 def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str, float]:
     """Loss and accuracy (classification) or perplexity (causal LM, over answer tokens).
 
-    The causal-LM loss is averaged over answer tokens of the whole set, not per
-    batch, so it does not depend on the batch size.
+    The loss is computed here from the logits, not taken from the model: a
+    method may add a regulariser to ``outputs.loss`` (AdaLoRA's orthogonality
+    term), which is not part of how well the model fits the data. The
+    causal-LM loss is averaged over the answer tokens of the whole set, so it
+    does not depend on the batch size.
     """
     model.eval()
     device = next(model.parameters()).device
     total_loss, total_count, correct, examples = 0.0, 0, 0, 0
     for batch in loader:
         batch = _to(batch, device)
-        out = model(**batch)
-        labels = batch["labels"]
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
         if task == CLASSIFICATION:
+            loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
             count = labels.numel()
-            correct += int((out.logits.argmax(-1) == labels).sum())
+            correct += int((logits.argmax(-1) == labels).sum())
         else:
-            count = int((labels[:, 1:] != -100).sum())  # tokens the shifted loss averaged over
-        total_loss += out.loss.item() * count
+            logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual-token positions
+            targets = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            count = int((targets != -100).sum())
+        total_loss += loss.item()
         total_count += count
         examples += labels.shape[0]
     loss = total_loss / max(total_count, 1)

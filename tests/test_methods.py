@@ -170,3 +170,18 @@ def test_method_federates_end_to_end(tmp_path: Path, tiny_llama: Path, method: s
     extra = {"num-server-rounds": 2, "train.local-steps": 8, "strategy.name": strategy}
     overrides, rounds = simulate(tmp_path, method_config(tiny_llama, method, **extra))
     check_run(overrides, rounds, "eval-perplexity")
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "adalora"])
+def test_evaluation_loss_is_the_data_loss_without_regularisers(tiny_llama: Path, method: str) -> None:
+    cfg = from_run_config(method_config(tiny_llama, method))
+    bench = runtime.workbench(cfg)
+    loader = bench.loader(runtime.test_set(cfg).select(range(8)), 8)
+    metrics = evaluate(bench.model, loader, "causal-lm")
+    with torch.no_grad():
+        batch = next(iter(loader))
+        model_loss = bench.model(**batch).loss.item()  # still in eval mode; AdaLoRA adds its orthogonality term
+    if method == "adalora":
+        assert model_loss > metrics["eval-loss"] + 1e-3
+    else:
+        assert metrics["eval-loss"] == pytest.approx(model_loss, rel=1e-5)

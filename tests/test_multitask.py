@@ -133,8 +133,8 @@ def test_three_tasks_learn_and_each_task_adapter_loads_with_peft(tmp_path: Path,
 
 
 def test_fedsa_keeps_each_clients_b_on_the_client_across_rounds(tmp_path: Path, tiny_llama: Path) -> None:
-    single_task = {k: v for k, v in MTLORA.items() if k != "data.tasks"}
-    overrides = {"model.name": str(tiny_llama), "data.source": "chatterbot", **single_task, "adapter.method": "lora"}
+    single_task = {k: v for k, v in MTLORA.items() if not k.startswith(("data.tasks", "mtlora.", "adapter.method"))}
+    overrides = {"model.name": str(tiny_llama), "data.source": "chatterbot", **single_task}
     overrides, rounds = simulate(tmp_path, {**overrides, "strategy.name": "fedsa", "num-server-rounds": 3}, clients=2)
     store = Path(overrides["output-dir"]) / "client-store" / "local"
     files = sorted(p.name for p in store.iterdir())

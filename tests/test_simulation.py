@@ -33,20 +33,26 @@ def test_minilm_classification_fedavg_factors(tmp_path: Path) -> None:
     check_run(overrides, rounds, "eval-accuracy")
 
 
+# Two rounds of the tiny Llama on chatterbot, at learning rates that move its loss that fast.
+TINY_RUN = {
+    "data.source": "chatterbot",
+    "data.test-size": 60,
+    "data.max-examples": 600,
+    "num-server-rounds": 2,
+    "train.local-steps": 8,
+    "train.lr": 0.01,
+    "train.lr-min": 0.005,
+}
+
+
 def test_tiny_llama_causal_lm_fedavg_products_float16(tmp_path: Path, tiny_llama: Path) -> None:
     overrides, rounds = simulate(
         tmp_path,
         {
+            **TINY_RUN,
             "model.name": str(tiny_llama),
-            "data.source": "chatterbot",
-            "data.test-size": 60,
-            "data.max-examples": 600,
-            "num-server-rounds": 2,
             "strategy.name": "fedavg-products",
             "wire.dtype": "float16",
-            "train.local-steps": 8,
-            "train.lr": 0.01,
-            "train.lr-min": 0.005,
             "adapter.target-modules": "q_proj,v_proj,o_proj",
         },
     )
@@ -59,17 +65,11 @@ def test_clients_of_ranks_4_8_16_learn_together(tmp_path: Path, tiny_llama: Path
     overrides, rounds = simulate(
         tmp_path,
         {
+            **TINY_RUN,
             "model.name": str(tiny_llama),
-            "data.source": "chatterbot",
-            "data.test-size": 60,
-            "data.max-examples": 600,
-            "num-server-rounds": 2,
             "strategy.name": strategy,
             "adapter.r": 16,
             "adapter.rank-tiers": "4,8,16",
-            "train.local-steps": 8,
-            "train.lr": 0.01,
-            "train.lr-min": 0.005,
         },
     )
     check_run(overrides, rounds, "eval-perplexity")
