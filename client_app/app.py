@@ -6,11 +6,14 @@ each message overwrites the whole adapter with the one received, trains
 and replies with the adapter tensors, ``num-examples``, ``train-loss`` and
 ``setup-s`` (seconds from the message's arrival to the first training step).
 
-Clients of different LoRA ranks: a node's rank is its node config
-``lora-rank``, else its tier in ``adapter.rank-tiers``; the client answers the
-server's rank query with it, and the server sends it an adapter of that rank.
-A client replies with the rank it received, so the server decides every size.
-AdaLoRA clients add their rank pattern (a ConfigRecord ``rank-pattern``).
+A node's profile is its LoRA rank (node config ``lora-rank``, else its tier
+in ``adapter.rank-tiers``) and its task (node config ``task``, else its turn in
+``data.tasks``); the client answers the server's profile query with it, and
+per-node strategies send it an adapter of that rank and task. A client replies
+with exactly the tensors and ranks it received, so the server decides every
+size; any other trainable tensor is local: it continues from this client's
+on-disk store and is saved back there after training. AdaLoRA clients add their
+rank pattern (a ConfigRecord ``rank-pattern``).
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def _task_data(cfg: RunConfig, context: Context, task: str) -> tuple[Dataset, Da
     partition_id, num_partitions, data_path = _node_data(context)
     if task and not data_path:
         tasks = task_names(cfg)
-        position = tasks.index(task) if task in tasks else 0
+        if task not in tasks:
+            raise ValueError(f"node task '{task}' is not one of data.tasks={','.join(tasks)}")
+        position = tasks.index(task)
         cfg = for_task(cfg, task)
         partition_id, num_partitions = partition_id // len(tasks), len(range(position, num_partitions, len(tasks)))
     return runtime.client_sets(cfg, partition_id, num_partitions, data_path)
@@ -104,7 +109,7 @@ def _receive(msg: Message, context: Context) -> Received:
     local = {k: v for k, v in adapter_state(bench.model).items() if k not in trainable}
     if local:  # tensors the strategy keeps on the client: the last ones this client trained, else the initial ones
         stored = runtime.load_local_tensors(cfg, context.node_config, server_round, msg.metadata.message_type)
-        state = {**{k: (stored or bench.initial)[k] for k in local}, **state}
+        state = {**{k: (stored or {}).get(k, bench.initial[k]) for k in local}, **state}
     load_adapter_state(bench.model, state)
     return Received(cfg, bench, train_set, val_set, trainable, server_round)
 

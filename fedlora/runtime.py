@@ -14,11 +14,14 @@ should not grow with the number of clients. So a worker keeps:
   than adding a second one. ``reuse-base = false`` turns the cache off and
   reloads the base for every call, as FlowerTune's ``client_fn`` does: the
   baseline of ``simulations/bench_scale.py``.
-* **a few clients' tokenised data**, in a small LRU (:data:`CLIENT_SETS_CACHED`
-  entries), so that a client's train and evaluate messages of one round share
-  one tokenisation while 1,000 virtual clients do not mean 1,000 cached sets.
+* **recent clients' tokenised data**, in an LRU of :data:`CLIENT_SETS_CACHED`
+  clients. A federation of up to that many clients is tokenised once (a
+  smaller LRU thrashes when every client trains every round); beyond it, the
+  cache holds at most that share of the partitions, so it never holds more
+  than about one tokenised copy of the data source, whatever the number of
+  virtual clients.
 * **the partitioner** of the run's split, computed once per worker instead of
-  once per client call (a Dirichlet split over 1,000 partitions takes seconds).
+  once per client call (each call would otherwise partition the whole pool again).
 
 State that must outlive a client's turn (optimizer moments, personal tensors)
 goes to the per-client store on disk (:mod:`fedlora.store`), never into this
@@ -60,7 +63,7 @@ from fedlora.training import make_loader
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
 
-CLIENT_SETS_CACHED = 8
+CLIENT_SETS_CACHED = 64
 """Clients whose tokenised (train, validation) sets a worker keeps (least recently used dropped first)."""
 
 stats: dict[str, int] = {"base-loads": 0, "client-set-builds": 0}

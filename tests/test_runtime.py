@@ -100,15 +100,17 @@ def test_no_client_state_leaks_into_another_clients_training() -> None:
         assert torch.equal(first_a[key], fresh_a[key]), key
 
 
-def test_client_data_cache_is_bounded() -> None:
+def test_client_data_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 4  # the real bound (runtime.CLIENT_SETS_CACHED) works the same, with more partitions to tokenise
+    monkeypatch.setattr(runtime, "_CLIENT_SETS", runtime._Lru(size))
     cfg = from_run_config(BASE)
-    for partition_id in range(runtime.CLIENT_SETS_CACHED + 2):
-        runtime.client_sets(cfg, partition_id, NUM_PARTITIONS + 10)
-    assert len(runtime._CLIENT_SETS.entries) == runtime.CLIENT_SETS_CACHED
+    for partition_id in range(size + 2):
+        runtime.client_sets(cfg, partition_id, NUM_PARTITIONS)
+    assert len(runtime._CLIENT_SETS.entries) == size
     built = runtime.stats["client-set-builds"]
-    runtime.client_sets(cfg, runtime.CLIENT_SETS_CACHED + 1, NUM_PARTITIONS + 10)  # most recent: cached
+    runtime.client_sets(cfg, size + 1, NUM_PARTITIONS)  # most recent: cached
     assert runtime.stats["client-set-builds"] == built
-    runtime.client_sets(cfg, 0, NUM_PARTITIONS + 10)  # the oldest was dropped: built again
+    runtime.client_sets(cfg, 0, NUM_PARTITIONS)  # the oldest was dropped: built again
     assert runtime.stats["client-set-builds"] == built + 1
 
 
