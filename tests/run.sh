@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up on a fresh machine, then lint and run the whole test suite (CPU only, about 5 minutes
+# Set up on a fresh machine, then lint and run the whole test suite (CPU only, about 23 minutes on 2 cores
 # once set up). Extra arguments go to pytest, e.g. `bash tests/run.sh -k aggregation`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
