@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from fedlora import runtime
-from fedlora.adapter import adapter_state, load_adapter_state, resize_like, split_residual
+from fedlora.adapter import adapter_state, load_adapter_state, resize_like, split_residual, trainable_names
 from fedlora.config import (
     RANK_KEY,
     TASK_KEY,
@@ -106,7 +106,7 @@ def _receive(msg: Message, context: Context) -> Received:
     state = from_record(msg.content["arrays"])
     server_round = int(msg.content["config"]["server-round"])
     trainable, _ = split_residual(state)
-    local = {k: v for k, v in adapter_state(bench.model).items() if k not in trainable}
+    local = [k for k in trainable_names(bench.model) if k not in trainable]  # no copy on every message
     if local:  # tensors the strategy keeps on the client: the last ones this client trained, else the initial ones
         stored = runtime.load_local_tensors(cfg, context.node_config, server_round, msg.metadata.message_type)
         state = {**{k: (stored or {}).get(k, bench.initial[k]) for k in local}, **state}

@@ -48,6 +48,11 @@ def build_adapter_model(base: PreTrainedModel, cfg: RunConfig, task: str) -> Pef
     return model
 
 
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """The keys of :func:`adapter_state`, without copying any tensor."""
+    return list(_trainable(model))
+
+
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
