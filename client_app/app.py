@@ -14,21 +14,42 @@ with exactly the tensors and ranks it received, so the server decides every
 size; any other trainable tensor is local: it continues from this client's
 on-disk store and is saved back there after training. AdaLoRA clients add their
 rank pattern (a ConfigRecord ``rank-pattern``).
+
+With ``cohort.clients`` set, a message may carry a *cohort* of virtual clients
+(:mod:`fedlora.cohort.protocol`): the node is then a worker that trains each of
+them as the client it names (its partition id), together in one batched pass
+where the method allows (:mod:`fedlora.cohort.train`) and one after another
+otherwise, and replies with one update per virtual client.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
 
 import torch
 from datasets import Dataset
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch import Tensor
 
 from fedlora import runtime
-from fedlora.adapter import adapter_state, load_adapter_state, resize_like, split_residual, trainable_names
+from fedlora.adapter import (
+    adapter_state,
+    fit_state,
+    load_adapter_state,
+    resize_like,
+    set_residual,
+    split_residual,
+    trainable_names,
+)
+from fedlora.cohort import protocol, sequential_reason
+from fedlora.cohort.train import CohortMember, train_cohort
 from fedlora.config import (
     RANK_KEY,
     TASK_KEY,
@@ -45,17 +66,19 @@ from fedlora.wire import from_record, to_record
 app = ClientApp()
 
 
-def _node_data(context: Context) -> tuple[int, int, str]:
+NodeConfig = Mapping[str, Any]
+
+
+def _node_data(node_config: NodeConfig) -> tuple[int, int, str]:
     """``partition-id``, ``num-partitions`` and ``data-path`` from the node config.
 
     A node with ``data-path`` trains on that file (its private data); otherwise
     on partition ``partition-id`` of the run's data source (as in simulation).
     """
-    config = context.node_config
-    if "data-path" in config:
-        return int(config.get("partition-id", 0)), 1, str(config["data-path"])
+    if "data-path" in node_config:
+        return int(node_config.get("partition-id", 0)), 1, str(node_config["data-path"])
     try:
-        return int(config["partition-id"]), int(config["num-partitions"]), ""
+        return int(node_config["partition-id"]), int(node_config["num-partitions"]), ""
     except KeyError as err:
         raise ValueError(
             f"node config lacks {err}; start the SuperNode with --node-config "
@@ -63,29 +86,53 @@ def _node_data(context: Context) -> tuple[int, int, str]:
         ) from None
 
 
+def _virtual_client(cfg: RunConfig, client: int) -> NodeConfig:
+    """The node config a virtual client of a cohort would have as a node of its own."""
+    return {"partition-id": client, "num-partitions": cfg.cohort.clients}
+
+
 @dataclass
 class Received:
-    """A message unpacked on this node: the model with the adapter loaded, the node's data, what came in."""
+    """One client's part of a message: its data, what it was sent, and the adapter it starts from."""
 
     cfg: RunConfig
     bench: runtime.Workbench
+    node_config: NodeConfig
     train_set: Dataset
     val_set: Dataset
     sent: dict[str, Tensor]  # the trainable tensors the server sent: the reply has exactly these keys and shapes
+    start: dict[str, Tensor]  # sent, plus this client's local tensors and any residual: what it trains from
     server_round: int
+    task: str
+
+    def load(self) -> None:
+        """Make this client's adapter the model's: its task's adapters active, its tensors loaded."""
+        self.bench.method.activate(self.bench.model, self.task)
+        load_adapter_state(self.bench.model, self.start)
+
+    @property
+    def seed(self) -> int:
+        """Seed of this client's dropout and batch order in this round."""
+        return self.cfg.run.seed + 7919 * self.server_round + 104729 * _node_data(self.node_config)[0]
+
+    def loader(self, train: bool) -> torch.utils.data.DataLoader:
+        """Shuffled training batches, or the validation batches."""
+        if train:
+            return self.bench.loader(self.train_set, self.cfg.train.batch_size, seed=self.seed)
+        return self.bench.loader(self.val_set, self.cfg.eval.batch_size)
 
 
-def _profile(cfg: RunConfig, context: Context) -> tuple[int, str]:
+def _profile(cfg: RunConfig, node_config: NodeConfig) -> tuple[int, str]:
     """The node's LoRA rank and task, from its node config or the run's tiers and task list."""
-    partition_id = _node_data(context)[0]
-    node_rank, node_task = context.node_config.get(RANK_KEY), context.node_config.get(TASK_KEY)
+    partition_id = _node_data(node_config)[0]
+    node_rank, node_task = node_config.get(RANK_KEY), node_config.get(TASK_KEY)
     rank = client_rank(cfg, partition_id, None if node_rank is None else int(node_rank))
     return rank, client_task(cfg, partition_id, None if node_task is None else str(node_task))
 
 
-def _task_data(cfg: RunConfig, context: Context, task: str) -> tuple[Dataset, Dataset]:
+def _task_data(cfg: RunConfig, node_config: NodeConfig, task: str) -> tuple[Dataset, Dataset]:
     """The node's (train, val) sets; with tasks, its share of its task's data set among that task's partitions."""
-    partition_id, num_partitions, data_path = _node_data(context)
+    partition_id, num_partitions, data_path = _node_data(node_config)
     if task and not data_path:
         tasks = task_names(cfg)
         if task not in tasks:
@@ -96,71 +143,178 @@ def _task_data(cfg: RunConfig, context: Context, task: str) -> tuple[Dataset, Da
     return runtime.client_sets(cfg, partition_id, num_partitions, data_path)
 
 
-def _receive(msg: Message, context: Context) -> Received:
-    """Unpack ``msg``: activate the node's task, load the adapter sent plus this client's local tensors."""
-    cfg = from_run_config(context.run_config)
+def _receive(
+    cfg: RunConfig, node_config: NodeConfig, arrays: ArrayRecord, server_round: int, message_type: str
+) -> Received:
+    """Unpack one client's adapter: activate its task, add its local tensors (nothing is loaded yet)."""
     bench = runtime.workbench(cfg)
-    _, task = _profile(cfg, context)
+    _, task = _profile(cfg, node_config)
     bench.method.activate(bench.model, task)
-    train_set, val_set = _task_data(cfg, context, task)
-    state = from_record(msg.content["arrays"])
-    server_round = int(msg.content["config"]["server-round"])
+    train_set, val_set = _task_data(cfg, node_config, task)
+    state = from_record(arrays)
     trainable, _ = split_residual(state)
     local = [k for k in trainable_names(bench.model) if k not in trainable]  # no copy on every message
     if local:  # tensors the strategy keeps on the client: the last ones this client trained, else the initial ones
-        stored = runtime.load_local_tensors(cfg, context.node_config, server_round, msg.metadata.message_type)
+        stored = runtime.load_local_tensors(cfg, node_config, server_round, message_type)
         state = {**{k: (stored or {}).get(k, bench.initial[k]) for k in local}, **state}
-    load_adapter_state(bench.model, state)
-    return Received(cfg, bench, train_set, val_set, trainable, server_round)
+    return Received(cfg, bench, node_config, train_set, val_set, trainable, state, server_round, task)
+
+
+def _reply_content(got: Received, trained: dict[str, Tensor], loss: float, setup_s: float) -> RecordDict:
+    """A training reply: exactly the tensors (and ranks) sent; local tensors go to this client's store."""
+    if local := {k: v for k, v in trained.items() if k not in got.sent}:
+        runtime.save_local_tensors(got.cfg, got.node_config, got.server_round, local)
+    reply = resize_like({k: trained[k] for k in got.sent}, got.sent)
+    metrics = {"num-examples": len(got.train_set), "train-loss": loss, "setup-s": setup_s}
+    content = RecordDict({"arrays": to_record(reply, got.cfg.wire.dtype), "metrics": MetricRecord(metrics)})
+    if pattern := got.bench.method.rank_pattern(got.bench.model):
+        content["rank-pattern"] = ConfigRecord(pattern)
+    return content
+
+
+def _train_alone(got: Received, started: float) -> RecordDict:
+    """One client's local training round on the worker's model; its reply content."""
+    cfg, bench, server_round = got.cfg, got.bench, got.server_round
+    got.load()
+    torch.manual_seed(got.seed)  # dropout; the loader has its own generator
+    lr = round_lr(server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
+    optimizer = bench.method.optimizer(bench.model, cfg, lr)
+    runtime.restore_optimizer_state(cfg, got.node_config, optimizer, bench.model, server_round)  # opt-in
+    setup_s = time.monotonic() - started  # message to first training step: what the worker cache saves
+    loss = train_steps(
+        bench.model,
+        got.loader(train=True),
+        cfg.train.local_steps,
+        optimizer,
+        cfg.train.max_grad_norm,
+        bench.method.step_hook(bench.model, cfg, server_round),
+        cfg.train.precision,
+    )
+    runtime.keep_optimizer_state(cfg, got.node_config, optimizer, bench.model, server_round)  # opt-in
+    return _reply_content(got, adapter_state(bench.model), loss, setup_s)
+
+
+def _same_residual(a: Mapping[str, tuple[Tensor, Tensor]], b: Mapping[str, tuple[Tensor, Tensor]]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(x, y) for m in a for x, y in zip(a[m], b[m], strict=True))
+
+
+def _train_together(members: dict[int, Received], started: float) -> dict[int, RecordDict | str]:
+    """A cohort's local training round in one batched pass; each client's reply content (or why it failed)."""
+    first = next(iter(members.values()))
+    cfg, bench = first.cfg, first.bench
+    fitted = {client: fit_state(bench.model, got.start) for client, got in members.items()}
+    residual = next(iter(fitted.values()))[1]  # FLoRA's: global, so one for the whole cohort
+    if any(not _same_residual(other, residual) for _, other in fitted.values()):
+        raise ValueError("the clients of one cohort were sent different residuals")
+    set_residual(bench.model, residual)
+    lr = round_lr(first.server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
+    torch.manual_seed(first.seed)  # the cohort's dropout stream
+    setup_s = time.monotonic() - started
+    trained, losses = train_cohort(
+        bench.model,
+        [CohortMember(fitted[client][0], got.loader(train=True)) for client, got in members.items()],
+        bench.method.optimizer(bench.model, cfg, lr),
+        cfg.train.local_steps,
+        cfg.train.max_grad_norm,
+        bench.task,
+        bench.tokenizer.pad_token_id,
+        cfg.train.precision,
+    )
+    parts: dict[int, RecordDict | str] = {}
+    for (client, got), state, loss in zip(members.items(), trained, losses, strict=True):
+        parts[client] = (
+            _reply_content(got, state, loss, setup_s)
+            if not math.isnan(loss)  # NaN: this client's loss diverged (the others are unaffected)
+            else "training loss became NaN or Inf; lower train.lr"
+        )
+    return parts
+
+
+def _cohort(msg: Message, context: Context) -> tuple[dict[int, Received], dict[int, str]]:
+    """Each virtual client of a cohort message, unpacked; those that cannot even start, with the reason."""
+    cfg = from_run_config(context.run_config)
+    server_round = int(msg.content["config"]["server-round"])
+    members: dict[int, Received] = {}
+    failed: dict[int, str] = {}
+    for client, arrays in protocol.read_instruction(msg.content):
+        try:
+            members[client] = _receive(
+                cfg, _virtual_client(cfg, client), arrays, server_round, msg.metadata.message_type
+            )
+        except ValueError as err:
+            failed[client] = str(err)
+    return members, failed
+
+
+def _each(members: dict[int, Received], work: Callable[[Received], RecordDict]) -> dict[int, RecordDict | str]:
+    """``work`` for each client in turn; a client that fails is reported in its place, not fatal to the others."""
+    parts: dict[int, RecordDict | str] = {}
+    for client, got in members.items():
+        try:
+            parts[client] = work(got)
+        except (ValueError, FloatingPointError) as err:
+            log(WARNING, "virtual client %d failed: %s", client, err)
+            parts[client] = str(err)
+    return parts
+
+
+_logged_reasons: set[str] = set()
+
+
+def _train_cohort(msg: Message, context: Context) -> Message:
+    """Train every virtual client of a cohort message: batched where the method allows, else one by one."""
+    started = time.monotonic()
+    cfg = from_run_config(context.run_config)
+    bench = runtime.workbench(cfg)
+    reason = sequential_reason(cfg, bench.method, bench.model)
+    members, parts = _cohort(msg, context)
+    if not reason:
+        parts |= _train_together(members, started) if members else {}
+    else:
+        if reason not in _logged_reasons:  # once per worker
+            _logged_reasons.add(reason)
+            log(INFO, "cohorts are trained one client after another: %s", reason)
+        parts |= _each(members, lambda got: _train_alone(got, started))
+    return Message(content=protocol.reply(parts), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's profile query: this node's LoRA rank and task."""
-    rank, task = _profile(from_run_config(context.run_config), context)
+    rank, task = _profile(from_run_config(context.run_config), context.node_config)
     return Message(content=RecordDict({"profile": ConfigRecord({RANK_KEY: rank, TASK_KEY: task})}), reply_to=msg)
+
+
+def _single(msg: Message, context: Context) -> Received:
+    """The client of an ordinary message: the node itself."""
+    return _receive(
+        from_run_config(context.run_config),
+        context.node_config,
+        msg.content["arrays"],
+        int(msg.content["config"]["server-round"]),
+        msg.metadata.message_type,
+    )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training."""
+    """One round of local training: of this node, or of each virtual client of a cohort."""
+    if protocol.is_cohort(msg.content):
+        return _train_cohort(msg, context)
     started = time.monotonic()
-    got = _receive(msg, context)
-    cfg, bench, server_round = got.cfg, got.bench, got.server_round
-    partition_id, _, _ = _node_data(context)
-    seed = cfg.run.seed + 7919 * server_round + 104729 * partition_id  # dropout and batch order
-    torch.manual_seed(seed)
-    lr = round_lr(server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
-    optimizer = bench.method.optimizer(bench.model, cfg, lr)
-    runtime.restore_optimizer_state(cfg, context.node_config, optimizer, bench.model, server_round)  # opt-in
-    setup_s = time.monotonic() - started  # message to first training step: what the worker cache saves
-    loss = train_steps(
-        bench.model,
-        bench.loader(got.train_set, cfg.train.batch_size, seed=seed),
-        cfg.train.local_steps,
-        optimizer,
-        cfg.train.max_grad_norm,
-        bench.method.step_hook(bench.model, cfg, server_round),
-    )
-    runtime.keep_optimizer_state(cfg, context.node_config, optimizer, bench.model, server_round)  # opt-in
-    trained = adapter_state(bench.model)
-    if local := {k: v for k, v in trained.items() if k not in got.sent}:
-        runtime.save_local_tensors(cfg, context.node_config, server_round, local)
-    reply = resize_like({k: trained[k] for k in got.sent}, got.sent)
-    content = RecordDict(
-        {
-            "arrays": to_record(reply, cfg.wire.dtype),
-            "metrics": MetricRecord({"num-examples": len(got.train_set), "train-loss": loss, "setup-s": setup_s}),
-        }
-    )
-    if pattern := bench.method.rank_pattern(bench.model):
-        content["rank-pattern"] = ConfigRecord(pattern)
-    return Message(content=content, reply_to=msg)
+    return Message(content=_train_alone(_single(msg, context), started), reply_to=msg)
+
+
+def _evaluate(got: Received) -> RecordDict:
+    got.load()
+    metrics = evaluate(got.bench.model, got.loader(train=False), got.bench.task)
+    return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on the node's validation split."""
-    got = _receive(msg, context)
-    metrics = evaluate(got.bench.model, got.bench.loader(got.val_set, got.cfg.eval.batch_size), got.bench.task)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    """Evaluate the received adapter on the node's validation split (each virtual client's, for a cohort)."""
+    if protocol.is_cohort(msg.content):
+        members, failed = _cohort(msg, context)
+        return Message(content=protocol.reply({**failed, **_each(members, _evaluate)}), reply_to=msg)
+    return Message(content=_evaluate(_single(msg, context)), reply_to=msg)

@@ -130,12 +130,14 @@ def set_residual(model: torch.nn.Module, residual: Mapping[str, tuple[Tensor, Te
     setattr(model, _MERGED, {m: (b.float().clone(), a.float().clone()) for m, (b, a) in residual.items()})
 
 
-def load_adapter_state(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Overwrite every trainable tensor of ``model`` with ``state`` (checked first: nothing stale survives).
+def fit_state(
+    model: torch.nn.Module, state: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """``state`` as (trainable tensors at ``model``'s shapes, residual), checked against the model.
 
-    LoRA factors of a lower rank are zero-padded (:func:`resize_state`); residual
-    tensors are merged into the base weights (:func:`set_residual`), and
-    without any, a residual merged earlier is removed.
+    LoRA factors of a lower rank are zero-padded (:func:`resize_state`);
+    anything else that does not match the model's trainable tensors exactly is
+    an :class:`InvalidUpdate`.
     """
     trainable, residual = split_residual(state)
     params = _trainable(model)
@@ -143,6 +145,18 @@ def load_adapter_state(model: torch.nn.Module, state: Mapping[str, Tensor]) -> N
     if all(trainable[a].shape[0] <= params[a].shape[0] for a in pairs):  # a lower-rank client's, zero-padded
         trainable = resize_like(trainable, params)
     check_state(trainable, params)
+    return trainable, residual
+
+
+def load_adapter_state(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Overwrite every trainable tensor of ``model`` with ``state`` (checked first: nothing stale survives).
+
+    LoRA factors of a lower rank are zero-padded (:func:`fit_state`); residual
+    tensors are merged into the base weights (:func:`set_residual`), and
+    without any, a residual merged earlier is removed.
+    """
+    trainable, residual = fit_state(model, state)
+    params = _trainable(model)
     set_residual(model, residual)
     with torch.no_grad():
         for name, tensor in trainable.items():

@@ -258,6 +258,37 @@ class TrainSettings:
         "Keep each client's optimizer state (e.g. AdamW moments) from its last round in the per-client "
         "store (`store-dir`) and continue from it, instead of a fresh optimizer every round.",
     )
+    precision: str = _opt(
+        "float32",
+        "Compute dtype of local training: `bfloat16` runs forward and backward under torch autocast (weights, "
+        "gradients and optimizer stay float32); on a GPU it is what makes batched cohorts fast.",
+        ("float32", "bfloat16"),
+    )
+    gradient_checkpointing: bool = _opt(
+        False,
+        "Recompute activations in the backward pass instead of keeping them: less memory for large batches or "
+        "cohorts, about a third more compute.",
+    )
+
+
+@dataclass(frozen=True)
+class CohortSettings:
+    """Virtual clients decoupled from Flower nodes, trained in cohorts (docs/simulation.md)."""
+
+    clients: int = _opt(
+        0,
+        "Virtual clients of the federation; each round samples `fraction-train` of them and sends them to the "
+        "Flower nodes (the workers) in cohorts of `cohort.size`, one message per cohort. 0: off, every Flower "
+        "node is one client (deployment, and simulation without cohorts).",
+    )
+    size: int = _opt(8, "Most virtual clients in one cohort message (K); a worker trains them together.")
+    batching: str = _opt(
+        "auto",
+        "How a worker trains a cohort: `batched` runs one pass of the base over all its clients' batches, each "
+        "sample through its own client's adapter (LoRA, LoRA-FA, LoRA+, DoRA, QLoRA, rank tiers); `sequential` "
+        "trains them one after another; `auto` batches when the method allows and otherwise logs why not.",
+        ("auto", "batched", "sequential"),
+    )
 
 
 @dataclass(frozen=True)
@@ -294,6 +325,7 @@ class RunConfig:
     loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    cohort: CohortSettings = field(default_factory=CohortSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     wire: WireSettings = field(default_factory=WireSettings)
 
@@ -399,6 +431,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "eval.batch-size": cfg.eval.batch_size >= 1,
+        "cohort.clients": cfg.cohort.clients >= 0,
+        "cohort.size": cfg.cohort.size >= 1 and (cfg.cohort.clients == 0 or cfg.cohort.size <= cfg.cohort.clients),
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapter import adapter_state, build_adapter_model
-from fedlora.config import RunConfig
+from fedlora.config import ConfigError, RunConfig, for_task, task_names
 from fedlora.data.federated import local_split, make_partitioner, server_and_pool
 from fedlora.data.sources import load_local
 from fedlora.data.tokenize import collator, tokenize
@@ -133,6 +133,8 @@ def _build_workbench(cfg: RunConfig, task: str, num_labels: int) -> Workbench:
     base = method.load_base(path, task, num_labels, cfg)
     stats["base-loads"] += 1
     model = build_adapter_model(base, cfg, task)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Workbench(model, tokenizer, task, method, adapter_state(model))
 
 
@@ -158,6 +160,7 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
         num_labels,
         cfg.run.seed,
         schedule,
+        cfg.train.gradient_checkpointing,
     )
     if key not in _MODEL.entries:
         _MODEL.clear()  # free the old base before loading the new one
@@ -166,6 +169,27 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
 
 def _split(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     return _SPLIT.get((cfg.data, cfg.run.seed), lambda: server_and_pool(cfg.data, cfg.run.seed))
+
+
+def check_cohort_data(cfg: RunConfig) -> None:
+    """Every virtual client of ``cohort.clients`` can get at least 2 examples (train and validation).
+
+    Raises :class:`ConfigError` naming ``cohort.clients`` otherwise (a
+    partitioner would fail later, for some client, with a less clear error).
+    """
+    for task in task_names(cfg) or [""]:
+        pool = len(_split(for_task(cfg, task) if task else cfg)[1])
+        clients = (
+            len(range(task_names(cfg).index(task), cfg.cohort.clients, len(task_names(cfg))))
+            if task
+            else cfg.cohort.clients
+        )
+        if 2 * clients > pool:
+            source = task or cfg.data.source
+            raise ConfigError(
+                f"cohort.clients={cfg.cohort.clients} gives {clients} clients of data source '{source}', which has "
+                f"{pool} examples to share: at most {pool // 2} clients (2 examples each)"
+            )
 
 
 def _tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:

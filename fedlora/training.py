@@ -7,6 +7,7 @@ call would cost more than the steps themselves.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Mapping
@@ -44,6 +45,13 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for ``train.precision = bfloat16`` (weights, gradients and optimizer stay float32), else nothing."""
+    if precision == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters that train (and so travel)."""
     return [p for p in model.parameters() if p.requires_grad]
@@ -63,6 +71,7 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float,
     after_step: Callable[[int], None] | None = None,
+    precision: str = "float32",
 ) -> float:
     """Run ``steps`` optimizer steps (cycling through ``loader``); return the mean training loss.
 
@@ -74,7 +83,8 @@ def train_steps(
     device = params[0].device
     losses = []
     for step, batch in enumerate(itertools.islice(itertools.cycle(loader), steps)):
-        loss = model(**_to(batch, device)).loss
+        with precision_context(precision, device):
+            loss = model(**_to(batch, device)).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
         loss.backward()

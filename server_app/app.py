@@ -138,6 +138,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     ``resume = true`` it continues from the last checkpointed round.
     """
     strategy = build_strategy(cfg)  # fails on a bad strategy name before anything loads
+    if cfg.cohort.clients:
+        runtime.check_cohort_data(cfg)
     grid = ProgressGrid(grid)  # type: ignore[assignment]  # counts clients, logs progress within a round
     output_dir = Path(cfg.run.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

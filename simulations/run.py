@@ -171,14 +171,25 @@ def run_and_read(overrides: dict[str, object], clients: int) -> tuple[list[dict]
 def main() -> None:
     """Command line: number of virtual clients and run-config overrides."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=4, help="virtual clients (num-supernodes)")
+    parser.add_argument("--clients", type=int, default=4, help="virtual clients (num-supernodes, or cohort.clients)")
+    parser.add_argument(
+        "--cohort",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train the clients in cohorts of K on --workers worker nodes (cohort.clients = --clients)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker nodes with --cohort (num-supernodes)")
     parser.add_argument("-c", "--run-config", default="", help='overrides, e.g. "num-server-rounds=2"')
     parser.add_argument(
         "-f", "--federation-config", default="", help='simulation keys, e.g. "client-resources-num-cpus=1"'
     )
     args = parser.parse_args()
+    run_config, nodes = args.run_config, args.clients
+    if args.cohort:
+        run_config, nodes = f"{run_config} cohort.clients={args.clients} cohort.size={args.cohort}", args.workers
     started = time.monotonic()
-    result = flwr_run(args.run_config, args.clients, federation_config=args.federation_config)
+    result = flwr_run(run_config.strip(), nodes, federation_config=args.federation_config)
     print(f"[fedlora] flwr run finished in {time.monotonic() - started:.0f}s with exit code {result.returncode}")
     sys.exit(result.returncode)
 

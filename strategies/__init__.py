@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-from fedlora.config import ConfigError, RunConfig
+from fedlora.config import ConfigError, RunConfig, client_rank, client_task
 from strategies.adalora_merge import AdaLoRAMerge
-from strategies.base import AdapterStrategy
+from strategies.base import AdapterStrategy, Cohorts, NodeProfile
 from strategies.fedavg_factors import FedAvgFactors
 from strategies.fedavg_products import FedAvgProducts
 from strategies.fedsa import FedSA
@@ -53,6 +53,13 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
     """The strategy named by ``strategy.name``, with the run's sampling settings and its own options."""
     cls = strategy_class(cfg.strategy.name)
     min_nodes = cfg.run.min_train_nodes
+    cohorts = None
+    if cfg.cohort.clients:
+        cohorts = Cohorts(
+            cfg.cohort.clients,
+            cfg.cohort.size,
+            lambda client: NodeProfile(client_rank(cfg, client), client_task(cfg, client)),
+        )
     return cls(
         fraction_train=cfg.run.fraction_train,
         fraction_evaluate=cfg.run.fraction_evaluate,
@@ -62,6 +69,7 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
         wire_dtype=cfg.wire.dtype,
         min_replies=cfg.run.min_replies,
         max_update_norm=cfg.run.max_update_norm,
+        cohorts=cohorts,
         **cls.options(cfg),
     )
 

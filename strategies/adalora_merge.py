@@ -18,12 +18,11 @@ from __future__ import annotations
 from statistics import fmean
 
 import torch
-from flwr.app import Message
 from torch import Tensor
 
 from fedlora.aggregation import LORA_A, LORA_B, LORA_E, average_states, budget_masks, masked_average
 from fedlora.validation import rank_masks
-from strategies.base import AdapterStrategy
+from strategies.base import AdapterStrategy, ClientReply
 
 KEPT = "#kept"  # suffix of the kept-indices mask added to a decoded reply
 
@@ -31,10 +30,10 @@ KEPT = "#kept"  # suffix of the kept-indices mask added to a decoded reply
 class AdaLoRAMerge(AdapterStrategy):
     """Average each AdaLoRA triplet over the clients that kept it, then cut to the clients' mean budget."""
 
-    def decode_reply(self, reply: Message) -> tuple[dict[str, Tensor], float]:
+    def decode_reply(self, reply: ClientReply) -> tuple[dict[str, Tensor], float]:
         """The reply's tensors plus, per ``lora_E`` tensor, its kept-indices mask under ``<key>#kept``."""
         state, weight = super().decode_reply(reply)
-        pattern = reply.content.config_records.get("rank-pattern")
+        pattern = reply.content.config_records.get("rank-pattern") if reply.content else None
         masks = rank_masks(state, dict(pattern) if pattern is not None else {})
         return {**state, **{key + KEPT: mask for key, mask in masks.items()}}, weight
 

@@ -25,14 +25,22 @@ tasks) sets ``per_node = True`` and implements
 every node its own adapter. Replies are checked against what that node was
 sent, so a reply of the wrong rank or task is excluded like any other
 malformed one. docs/strategies.md walks through writing a strategy.
+
+With :class:`Cohorts` (``cohort.clients`` set), the clients are *virtual*:
+each round samples them, packs them into cohorts and sends each cohort to a
+worker node in one message (:mod:`fedlora.cohort.protocol`). The reply is cut
+back into one :class:`ClientReply` per virtual client, and from there on a
+virtual client's update is validated, counted and aggregated exactly like a
+node's; a strategy never sees the difference.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from abc import abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -42,10 +50,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
 from fedlora.adapter import split_residual
 from fedlora.aggregation import LORA_A
+from fedlora.cohort import protocol
 from fedlora.config import RANK_KEY, TASK_KEY, RunConfig
 from fedlora.validation import InvalidUpdate, check_state, check_weight
 from fedlora.wire import from_record, record_nbytes, to_record
@@ -57,6 +67,24 @@ class NodeProfile:
 
     rank: int
     task: str = ""
+
+
+@dataclass(frozen=True)
+class Cohorts:
+    """Virtual clients decoupled from the Flower nodes, which become workers (``cohort.*`` run-config keys)."""
+
+    clients: int  # virtual clients in the federation, ids 0..clients-1 (their partition ids)
+    size: int  # most clients per message
+    profile: Callable[[int], NodeProfile]  # a virtual client's rank and task, from the run config
+
+
+@dataclass
+class ClientReply:
+    """One client's answer: a node's reply, or one virtual client's part of a cohort reply."""
+
+    client: int  # the node id; with cohorts, the virtual client's id
+    content: RecordDict | None  # None when the client failed
+    error: str = ""
 
 
 class AdapterStrategy(FedAvg):
@@ -71,9 +99,17 @@ class AdapterStrategy(FedAvg):
     per_node: ClassVar[bool] = False  # True: ask nodes their profile and send each its own adapter
 
     def __init__(
-        self, *, wire_dtype: str = "float32", min_replies: int = 1, max_update_norm: float = 0.0, **fedavg_kwargs: Any
+        self,
+        *,
+        wire_dtype: str = "float32",
+        min_replies: int = 1,
+        max_update_norm: float = 0.0,
+        cohorts: Cohorts | None = None,
+        **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        self.cohorts = cohorts
+        self.assigned: dict[int, int] = {}  # with cohorts: virtual client -> the worker node it was sent to
         self.wire_dtype = wire_dtype
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
@@ -81,7 +117,7 @@ class AdapterStrategy(FedAvg):
         self.global_state: dict[str, Tensor] = {}
         self.current_round = 0  # the round being trained, as clients are told (round_offset included)
         self.profiles: dict[int, NodeProfile] = {}  # answers to the profile query, kept for the whole run
-        self.sent: dict[int, dict[str, Tensor]] = {}  # this round's training messages: replies must match
+        self.sent: dict[int, dict[str, Tensor]] = {}  # per client, what it was sent to train: replies must match
         self._grid: Grid | None = None
         # Per round: bytes, exclusions, aggregated metrics and whatever a subclass
         # records; JSON-serialisable, written to metrics.json by the server app.
@@ -118,7 +154,11 @@ class AdapterStrategy(FedAvg):
         """FedAvg's sampling, one message per node; remembers what each node was sent, to check its reply."""
         server_round += self.round_offset
         self.global_state, self._grid, self.sent, self.current_round = from_record(arrays), grid, {}, server_round
-        return self._count_down(server_round, super().configure_train(server_round, arrays, config, grid))
+        if self.cohorts:
+            messages = self._cohort_messages(arrays, config, MessageType.TRAIN, self.fraction_train, server_round)
+        else:
+            messages = super().configure_train(server_round, arrays, config, grid)
+        return self._count_down(server_round, messages)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -126,21 +166,83 @@ class AdapterStrategy(FedAvg):
         """FedAvg's evaluation sampling, one message per node, with bytes counted."""
         server_round += self.round_offset
         self.global_state, self._grid = from_record(arrays), grid
-        return self._count_down(server_round, super().configure_evaluate(server_round, arrays, config, grid))
+        if self.cohorts:
+            messages = self._cohort_messages(arrays, config, MessageType.EVALUATE, self.fraction_evaluate, server_round)
+        else:
+            messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._count_down(server_round, messages)
+
+    def _encoder(self, arrays: ArrayRecord) -> Callable[[NodeProfile | None], tuple[dict[str, Tensor], ArrayRecord]]:
+        """What a client of a profile is sent: (its trainable tensors, the record), encoded once per profile."""
+        encoded: dict[NodeProfile | None, tuple[dict[str, Tensor], ArrayRecord]] = {}
+
+        def encode(profile: NodeProfile | None) -> tuple[dict[str, Tensor], ArrayRecord]:
+            if profile not in encoded:
+                state = self.client_state(profile) if profile else self.global_state
+                encoded[profile] = (split_residual(state)[0], to_record(state, self.wire_dtype) if profile else arrays)
+            return encoded[profile]
+
+        return encode
+
+    def _cohort_messages(
+        self, arrays: ArrayRecord, config: ConfigRecord, message_type: str, fraction: float, server_round: int
+    ) -> list[Message]:
+        """Sample ``fraction`` of the virtual clients, pack them into cohorts, one message per cohort to a worker."""
+        assert self.cohorts is not None and self._grid is not None
+        if fraction == 0.0:
+            return []
+        total = self.cohorts.clients
+        clients = sorted(random.sample(range(total), min(total, max(self.min_train_nodes, int(total * fraction)))))
+        if self.per_node:
+            clients = self._with_virtual_profile(clients)
+        workers = sorted(sample_nodes(self._grid, 1, 0)[1])  # waits for the first worker to connect
+        config["server-round"] = server_round
+        encode = self._encoder(arrays)
+        self.assigned, messages = {}, []
+        for number, first in enumerate(range(0, len(clients), self.cohorts.size)):
+            cohort = clients[first : first + self.cohorts.size]
+            worker = workers[number % len(workers)]
+            records: list[ArrayRecord] = []
+            position: dict[int, int] = {}  # id of an encoded record -> its index in this message
+            adapter_of = []
+            for client in cohort:
+                expected, record = encode(self.profiles[client] if self.per_node else None)
+                if id(record) not in position:
+                    position[id(record)] = len(records)
+                    records.append(record)
+                adapter_of.append(position[id(record)])
+                self.assigned[client] = worker
+                if message_type == MessageType.TRAIN:
+                    self.sent[client] = expected
+            content = protocol.instruction(config, cohort, adapter_of, records)
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=worker))
+        log(INFO, "%s: %d virtual clients in %d cohort(s) on %d worker(s)", message_type, len(clients),
+            len(messages), len(workers))  # fmt: skip
+        return messages
+
+    def _with_virtual_profile(self, clients: list[int]) -> list[int]:
+        """The virtual clients this strategy can serve, their profiles (from the run config) remembered."""
+        assert self.cohorts is not None
+        served = []
+        for client in clients:
+            profile = self.profiles.get(client) or self.cohorts.profile(client)
+            try:
+                self.check_profile(profile)
+            except InvalidUpdate as err:
+                log(WARNING, "virtual client %d left out: %s", client, err)
+                continue
+            self.profiles[client] = profile
+            served.append(client)
+        return served
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
         """Each node's message (FedAvg builds them all here): :meth:`client_state` for its profile."""
         if self.per_node:
             node_ids = self._with_profile(node_ids)
-        encoded: dict[NodeProfile | None, tuple[dict[str, Tensor], ArrayRecord]] = {}  # one per distinct profile
+        encode = self._encoder(record[self.arrayrecord_key])
         messages = []
         for node_id in node_ids:
-            profile = self.profiles[node_id] if self.per_node else None
-            if profile not in encoded:
-                state = self.client_state(profile) if profile else self.global_state
-                arrays = to_record(state, self.wire_dtype) if profile else record[self.arrayrecord_key]
-                encoded[profile] = (split_residual(state)[0], arrays)
-            expected, arrays = encoded[profile]
+            expected, arrays = encode(self.profiles[node_id] if self.per_node else None)
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record[self.configrecord_key]})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
             if message_type == MessageType.TRAIN:
@@ -179,9 +281,9 @@ class AdapterStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, aggregate the good ones, keep the global adapter if too few are good."""
         server_round += self.round_offset
-        accepted: list[Message] = []
+        accepted: list[ClientReply] = []
         states, weights = [], []
-        for reply in replies:
+        for reply in self.client_replies(replies):
             try:
                 state, weight = self.decode_reply(reply)
             except InvalidUpdate as err:
@@ -210,21 +312,52 @@ class AdapterStrategy(FedAvg):
                 metrics[key] = value
         return to_record(new_state, self.wire_dtype), metrics
 
+    def client_replies(self, replies: Iterable[Message]) -> list[ClientReply]:
+        """One :class:`ClientReply` per client: per node, or per virtual client of each cohort reply.
+
+        A worker's reply counts only for clients sent to that worker; clients
+        of a cohort message that failed as a whole get its error.
+        """
+        if not self.cohorts:
+            return [
+                ClientReply(r.metadata.src_node_id, None if r.has_error() else r.content, _error(r)) for r in replies
+            ]
+        answered: dict[int, ClientReply] = {}
+        failed: dict[int, str] = {}  # worker -> why its cohort message failed
+        for reply in replies:
+            worker = reply.metadata.src_node_id
+            if reply.has_error():
+                failed[worker] = _error(reply)
+                continue
+            named = protocol.clients_in(reply.content)
+            if strangers := sorted(c for c in named if self.assigned.get(c) != worker):
+                log(WARNING, "worker %d replied for virtual clients it was not sent: %s (ignored)", worker, strangers)
+            mine = [c for c in named if self.assigned.get(c) == worker]
+            for client, part in protocol.split_reply(reply.content, mine).items():
+                answered[client] = (
+                    ClientReply(client, None, part) if isinstance(part, str) else ClientReply(client, part)
+                )
+        for client, worker in self.assigned.items():
+            if client not in answered and worker in failed:
+                answered[client] = ClientReply(client, None, failed[worker])
+        return list(answered.values())
+
+    def _who(self, client: int) -> str:
+        return f"virtual client {client}" if self.cohorts else f"node {client}"
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted average of the well-formed evaluation replies, also kept in :attr:`round_log`."""
-        server_round += self.round_offset
+        return self.average_evaluations(server_round + self.round_offset, self.client_replies(replies))
+
+    def average_evaluations(self, server_round: int, replies: list[ClientReply]) -> MetricRecord | None:
+        """Weighted average of the well-formed evaluation replies among ``replies`` (``client-eval`` in the log)."""
         good = []
         for reply in replies:
             try:
                 self._weight(reply, expect_arrays=False)
             except InvalidUpdate as err:
-                log(
-                    WARNING,
-                    "round %d: evaluation reply from node %d excluded: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    err,
-                )
+                log(WARNING, "round %d: evaluation reply from %s excluded: %s", server_round, self._who(reply.client),
+                    err)  # fmt: skip
                 continue
             good.append(reply.content)
         if not good:
@@ -233,10 +366,10 @@ class AdapterStrategy(FedAvg):
         self.round_log[server_round]["client-eval"] = dict(metrics)
         return metrics
 
-    def _weight(self, reply: Message, expect_arrays: bool) -> float:
+    def _weight(self, reply: ClientReply, expect_arrays: bool) -> float:
         """A reply's aggregation weight, after checking its records; :class:`InvalidUpdate` if malformed."""
-        if reply.has_error():
-            raise InvalidUpdate(f"client failed: {reply.error.reason}")
+        if reply.content is None:
+            raise InvalidUpdate(reply.error)
         content = reply.content
         arrays = [self.arrayrecord_key] if expect_arrays else []
         if list(content.array_records) != arrays or len(content.metric_records) != 1:
@@ -248,12 +381,12 @@ class AdapterStrategy(FedAvg):
         metrics = next(iter(content.metric_records.values()))
         return check_weight(metrics.get(self.weighted_by_key), self.weighted_by_key)
 
-    def decode_reply(self, reply: Message) -> tuple[dict[str, Tensor], float]:
+    def decode_reply(self, reply: ClientReply) -> tuple[dict[str, Tensor], float]:
         """A training reply's adapter state and aggregation weight; :class:`InvalidUpdate` if malformed."""
         weight = self._weight(reply, expect_arrays=True)
-        sent = self.sent.get(reply.metadata.src_node_id)
-        if sent is None:
-            raise InvalidUpdate("this node was not sent an adapter to train this round")
+        sent = self.sent.get(reply.client)
+        if sent is None or reply.content is None:
+            raise InvalidUpdate("this client was not sent an adapter to train this round")
         try:
             state = from_record(reply.content[self.arrayrecord_key])
         except (ValueError, TypeError) as err:
@@ -273,15 +406,21 @@ class AdapterStrategy(FedAvg):
             if not all(torch.isfinite(f).all() for f in factors):
                 raise InvalidUpdate(f"residual of '{module}' contains NaN or Inf")
 
-    def _exclude(self, server_round: int, reply: Message, reason: str) -> None:
-        log(WARNING, "round %d: reply from node %d excluded: %s", server_round, reply.metadata.src_node_id, reason)
+    def _exclude(self, server_round: int, reply: ClientReply, reason: str) -> None:
+        log(WARNING, "round %d: reply from %s excluded: %s", server_round, self._who(reply.client), reason)
         self._count(server_round, "excluded-replies", 1)
 
     def _count_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        self._count(server_round, "bytes-down", sum(record_nbytes(m.content[self.arrayrecord_key]) for m in messages))
+        sizes = (record_nbytes(record) for m in messages for record in m.content.array_records.values())
+        self._count(server_round, "bytes-down", sum(sizes))
         return messages
 
     def _count(self, server_round: int, key: str, amount: int) -> None:
         entry = self.round_log[server_round]
         entry[key] = entry.get(key, 0) + amount
+
+
+def _error(reply: Message) -> str:
+    """Why a reply failed ("" if it did not)."""
+    return f"client failed: {reply.error.reason}" if reply.has_error() else ""

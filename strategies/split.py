@@ -27,7 +27,7 @@ from flwr.app import Message, MetricRecord
 from torch import Tensor
 
 from fedlora.config import RunConfig
-from strategies.base import AdapterStrategy, NodeProfile
+from strategies.base import AdapterStrategy, ClientReply, NodeProfile
 from strategies.fedavg_factors import FedAvgFactors
 from strategies.fedavg_products import FedAvgProducts
 
@@ -81,17 +81,18 @@ class SplitStrategy(AdapterStrategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The overall weighted average, and one per group in ``round_log``."""
-        replies = list(replies)
-        metrics = super().aggregate_evaluate(server_round, replies)
-        groups: dict[str, list[Message]] = defaultdict(list)
-        for reply in replies:
-            profile = self.profiles.get(reply.metadata.src_node_id)
-            if profile and not reply.has_error():
-                groups[self.group(profile)].append(reply)
+        server_round += self.round_offset
+        answers = self.client_replies(replies)
+        metrics = self.average_evaluations(server_round, answers)
+        groups: dict[str, list[ClientReply]] = defaultdict(list)
+        for answer in answers:
+            profile = self.profiles.get(answer.client)
+            if profile and answer.content is not None:
+                groups[self.group(profile)].append(answer)
         per_group = {}
         for group, members in sorted(groups.items()):
-            if group_metrics := super().aggregate_evaluate(server_round, members):
+            if group_metrics := self.average_evaluations(server_round, members):
                 per_group[group or "all"] = dict(group_metrics)
-        self.round_log[server_round + self.round_offset]["client-eval-per-group"] = per_group
-        self.round_log[server_round + self.round_offset]["client-eval"] = dict(metrics) if metrics else {}
+        self.round_log[server_round]["client-eval-per-group"] = per_group
+        self.round_log[server_round]["client-eval"] = dict(metrics) if metrics else {}
         return metrics

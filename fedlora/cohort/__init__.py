@@ -1,0 +1,35 @@
+"""Cohorts: many virtual clients trained together by one worker over one base model (docs/simulation.md).
+
+:mod:`fedlora.cohort.protocol` is how a cohort travels in one Flower message;
+:mod:`fedlora.cohort.stacked` stacks the clients' adapters over the base;
+:mod:`fedlora.cohort.train` trains them in one batched pass per step.
+:func:`sequential_reason` decides whether a cohort can be batched at all.
+"""
+
+from __future__ import annotations
+
+from peft import PeftModel
+
+from fedlora.cohort.stacked import blocker
+from fedlora.config import ConfigError, RunConfig
+from fedlora.methods import AdapterMethod
+
+
+def sequential_reason(cfg: RunConfig, method: AdapterMethod, model: PeftModel) -> str:
+    """Why this run's cohorts are trained one client after another ("" when they are batched).
+
+    Raises :class:`ConfigError` naming ``cohort.batching`` when it forces
+    batching for a method that cannot be batched.
+    """
+    if cfg.cohort.batching == "sequential":
+        return "cohort.batching = 'sequential'"
+    reason = blocker(model)
+    if not reason and type(method).step_hook is not AdapterMethod.step_hook:
+        reason = "the method changes the adapter after every local step (one schedule per client)"
+    if not reason and cfg.train.keep_optimizer_state:
+        reason = "train.keep-optimizer-state restores one optimizer per client from the store"
+    if reason and cfg.cohort.batching == "batched":
+        raise ConfigError(
+            f"cohort.batching='batched', but adapter.method='{cfg.adapter.method}' cannot batch: {reason}"
+        )
+    return reason
