@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch import Tensor
@@ -86,7 +86,7 @@ def _node_data(node_config: NodeConfig) -> tuple[int, int, str]:
         ) from None
 
 
-def _virtual_client(cfg: RunConfig, client: int) -> NodeConfig:
+def virtual_client(cfg: RunConfig, client: int) -> NodeConfig:
     """The node config a virtual client of a cohort would have as a node of its own."""
     return {"partition-id": client, "num-partitions": cfg.cohort.clients}
 
@@ -143,7 +143,7 @@ def _task_data(cfg: RunConfig, node_config: NodeConfig, task: str) -> tuple[Data
     return runtime.client_sets(cfg, partition_id, num_partitions, data_path)
 
 
-def _receive(
+def receive(
     cfg: RunConfig, node_config: NodeConfig, arrays: ArrayRecord, server_round: int, message_type: str
 ) -> Received:
     """Unpack one client's adapter: activate its task, add its local tensors (nothing is loaded yet)."""
@@ -151,6 +151,11 @@ def _receive(
     _, task = _profile(cfg, node_config)
     bench.method.activate(bench.model, task)
     train_set, val_set = _task_data(cfg, node_config, task)
+    if message_type == MessageType.TRAIN and not len(train_set):
+        raise ValueError(
+            f"client {_node_data(node_config)[0]} has no training example left after tokenisation "
+            f"(train.max-length={cfg.train.max_length} cuts every answer off?)"
+        )
     state = from_record(arrays)
     trainable, _ = split_residual(state)
     local = [k for k in trainable_names(bench.model) if k not in trainable]  # no copy on every message
@@ -172,7 +177,7 @@ def _reply_content(got: Received, trained: dict[str, Tensor], loss: float, setup
     return content
 
 
-def _train_alone(got: Received, started: float) -> RecordDict:
+def train_alone(got: Received, started: float) -> RecordDict:
     """One client's local training round on the worker's model; its reply content."""
     cfg, bench, server_round = got.cfg, got.bench, got.server_round
     got.load()
@@ -198,7 +203,7 @@ def _same_residual(a: Mapping[str, tuple[Tensor, Tensor]], b: Mapping[str, tuple
     return a.keys() == b.keys() and all(torch.equal(x, y) for m in a for x, y in zip(a[m], b[m], strict=True))
 
 
-def _train_together(members: dict[int, Received], started: float) -> dict[int, RecordDict | str]:
+def train_together(members: dict[int, Received], started: float) -> dict[int, RecordDict | str]:
     """A cohort's local training round in one batched pass; each client's reply content (or why it failed)."""
     first = next(iter(members.values()))
     cfg, bench = first.cfg, first.bench
@@ -238,9 +243,7 @@ def _cohort(msg: Message, context: Context) -> tuple[dict[int, Received], dict[i
     failed: dict[int, str] = {}
     for client, arrays in protocol.read_instruction(msg.content):
         try:
-            members[client] = _receive(
-                cfg, _virtual_client(cfg, client), arrays, server_round, msg.metadata.message_type
-            )
+            members[client] = receive(cfg, virtual_client(cfg, client), arrays, server_round, msg.metadata.message_type)
         except ValueError as err:
             failed[client] = str(err)
     return members, failed
@@ -269,12 +272,12 @@ def _train_cohort(msg: Message, context: Context) -> Message:
     reason = sequential_reason(cfg, bench.method, bench.model)
     members, parts = _cohort(msg, context)
     if not reason:
-        parts |= _train_together(members, started) if members else {}
+        parts |= train_together(members, started) if members else {}
     else:
         if reason not in _logged_reasons:  # once per worker
             _logged_reasons.add(reason)
             log(INFO, "cohorts are trained one client after another: %s", reason)
-        parts |= _each(members, lambda got: _train_alone(got, started))
+        parts |= _each(members, lambda got: train_alone(got, started))
     return Message(content=protocol.reply(parts), reply_to=msg)
 
 
@@ -287,7 +290,7 @@ def query(msg: Message, context: Context) -> Message:
 
 def _single(msg: Message, context: Context) -> Received:
     """The client of an ordinary message: the node itself."""
-    return _receive(
+    return receive(
         from_run_config(context.run_config),
         context.node_config,
         msg.content["arrays"],
@@ -302,7 +305,7 @@ def train(msg: Message, context: Context) -> Message:
     if protocol.is_cohort(msg.content):
         return _train_cohort(msg, context)
     started = time.monotonic()
-    return Message(content=_train_alone(_single(msg, context), started), reply_to=msg)
+    return Message(content=train_alone(_single(msg, context), started), reply_to=msg)
 
 
 def _evaluate(got: Received) -> RecordDict:

@@ -52,6 +52,7 @@ from fedlora.adapter import adapter_state, load_adapter_state
 from fedlora.aggregation import average_states
 from fedlora.config import RunConfig, from_run_config
 from fedlora.training import evaluate, round_lr, train_steps, trainable_parameters
+from simulations.results import keep_sections
 from simulations.run import (
     LOCAL_SUPERLINK_LOCK,
     ROOT,
@@ -586,7 +587,8 @@ def main() -> None:
         if args.note:
             results.setdefault("notes", []).append(args.note)
             args.render.write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "performance.md").write_text(markdown(results, results["command"]))
+        page = args.out / "performance.md"
+        page.write_text(keep_sections(page, markdown(results, results["command"]), ("cohort",)))
         return
     command = "python -m simulations.bench_scale " + " ".join(sys.argv[1:])
     if args.workdir:
@@ -599,7 +601,8 @@ def main() -> None:
     results["command"] = command.strip()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "performance.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "performance.md").write_text(markdown(results, command.strip()))
+    page = args.out / "performance.md"
+    page.write_text(keep_sections(page, markdown(results, command.strip()), ("cohort",)))
     print(markdown(results, command.strip()))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,3 +24,29 @@ def page_header(title: str, script: str, setup: dict[str, Any]) -> list[str]:
         "Setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()) + ".",
         "",
     ]
+
+
+def write_section(page: Path, name: str, text: str) -> None:
+    """Put ``text`` into ``page`` between ``<!-- name -->`` and ``<!-- /name -->``, replacing what was there.
+
+    Two scripts can then share one page: each regenerates only its own section
+    (a page without the section gets it appended).
+    """
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    old = page.read_text() if page.exists() else ""
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    page.write_text(new)
+
+
+def keep_sections(page: Path, text: str, names: tuple[str, ...]) -> str:
+    """``text`` (a regenerated page) with the sections ``names`` of the current ``page`` carried over."""
+    old = page.read_text() if page.exists() else ""
+    for name in names:
+        start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if start in old and end in old:
+            text = text.rstrip() + "\n\n" + old[old.index(start) : old.index(end) + len(end)] + "\n"
+    return text
