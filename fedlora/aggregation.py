@@ -35,10 +35,12 @@ LORA_A, LORA_B, LORA_E = ".lora_A.", ".lora_B.", ".lora_E."
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:
-    """Weights scaled to sum to 1; they must be finite, non-negative and not all zero."""
-    if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"aggregation weights must be finite, non-negative and not all zero: {list(weights)}")
-    total = float(sum(weights))
+    """Weights scaled to sum to 1; they must be finite, non-negative, not all zero, and sum to a finite number."""
+    total = float(sum(weights)) if weights else 0.0
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not 0 < total < math.inf:
+        raise ValueError(
+            f"aggregation weights must be finite, non-negative, not all zero, with a finite sum: {list(weights)}"
+        )
     return [w / total for w in weights]
 
 

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A run-config key is unknown, missing its expected type or out of range."""
 
 
+MAX_RANK = 1024  # larger than any layer width of the supported models' adapted modules needs
+MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a weight's scale
+ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
 LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 
@@ -50,7 +53,15 @@ class RunSettings:
         1, "Fewest valid training replies a round needs; with fewer, the global adapter stays as it was."
     )
     max_update_norm: float = _opt(
-        0.0, "Reject a reply whose update (L2 norm of received minus sent, over all tensors) exceeds this; 0: off."
+        100.0,
+        "Reject a reply whose update (L2 norm of received minus sent, over all tensors, in the wire dtype) exceeds "
+        "this; 0: off. The default is far above normal training (docs/deployment.md: 0.3-2 per round for the demo "
+        "and MiniLM) and far below what overflows a float16 wire.",
+    )
+    max_weight_ratio: float = _opt(
+        10.0,
+        "No client's aggregation weight (its `num-examples`; HetLoRA's norm factor too) counts for more than this "
+        "many times the round's median, so one client's share among n is at most ratio / (ratio + n - 1).",
     )
     reuse_base: bool = _opt(
         True,
@@ -87,6 +98,16 @@ class StrategySettings:
         True,
         "`hetlora`: weight each client's layer by the norm of its update B·A (the paper's sparsity-weighted "
         "aggregation) times its examples; false: by examples only (naive zero-padding).",
+    )
+    robust: str = _opt(
+        "none",
+        "Robust aggregation for any strategy (docs/strategies.md): `median` or `trimmed-mean` replace each tensor "
+        "by its coordinate-wise median or trimmed mean over the clients (weights are then ignored); "
+        "`clip-to-median` scales every update longer than the round's median update norm down to it.",
+        ROBUST_MODES,
+    )
+    trim_fraction: float = _opt(
+        0.2, "`trimmed-mean`: fraction of the clients cut at each end of every coordinate (below 0.5)."
     )
 
 
@@ -399,21 +420,24 @@ def _check_ranges(cfg: RunConfig) -> None:
         "fraction-train": 0.0 < cfg.run.fraction_train <= 1.0,
         "fraction-evaluate": 0.0 <= cfg.run.fraction_evaluate <= 1.0,
         "min-train-nodes": cfg.run.min_train_nodes >= 1,
+        "seed": 0 <= cfg.run.seed < 2**32,
         "min-replies": cfg.run.min_replies >= 1,
-        "max-update-norm": cfg.run.max_update_norm >= 0,
-        "data.dirichlet-alpha": cfg.data.dirichlet_alpha > 0,
+        "max-update-norm": 0 <= cfg.run.max_update_norm < math.inf,
+        "max-weight-ratio": 1 <= cfg.run.max_weight_ratio < math.inf,
+        "strategy.trim-fraction": 0 <= cfg.strategy.trim_fraction < 0.5,
+        "data.dirichlet-alpha": 0 < cfg.data.dirichlet_alpha < math.inf,
         "data.max-examples": cfg.data.max_examples >= 0,
         "data.val-fraction": 0.0 < cfg.data.val_fraction < 1.0,
         "data.test-size": cfg.data.test_size >= 1,
-        "adapter.r": cfg.adapter.r >= 1,
-        "adapter.alpha": cfg.adapter.alpha > 0,
+        "adapter.r": 1 <= cfg.adapter.r <= MAX_RANK,
+        "adapter.alpha": 0 < cfg.adapter.alpha < math.inf,
         "adapter.dropout": 0.0 <= cfg.adapter.dropout < 1.0,
         "train.local-steps": cfg.train.local_steps >= 1,
         "train.batch-size": cfg.train.batch_size >= 1,
-        "train.lr": cfg.train.lr > 0 and math.isfinite(cfg.train.lr),
+        "train.lr": 0 < cfg.train.lr <= MAX_LR,
         "train.lr-min": 0 <= cfg.train.lr_min <= cfg.train.lr,
-        "train.weight-decay": cfg.train.weight_decay >= 0,
-        "train.max-grad-norm": cfg.train.max_grad_norm >= 0,
+        "train.weight-decay": 0 <= cfg.train.weight_decay < math.inf,
+        "train.max-grad-norm": 0 <= cfg.train.max_grad_norm < math.inf,
         "train.max-length": cfg.train.max_length >= 8,
         "adapter.rank-tiers": all(1 <= r <= cfg.adapter.r for r in _tiers(cfg.adapter.rank_tiers)),
         "adalora.target-r": 1 <= cfg.adalora.target_r <= cfg.adapter.r,
@@ -421,13 +445,13 @@ def _check_ranges(cfg: RunConfig) -> None:
         "adalora.tfinal": 0 <= cfg.adalora.tfinal
         and cfg.adalora.tinit + cfg.adalora.tfinal < cfg.run.num_server_rounds * cfg.train.local_steps,
         "adalora.delta-t": cfg.adalora.delta_t >= 1,
-        "adalora.orth-reg-weight": cfg.adalora.orth_reg_weight >= 0,
+        "adalora.orth-reg-weight": 0 <= cfg.adalora.orth_reg_weight < math.inf,
         "data.tasks": len(set(task_names(cfg))) == len(task_names(cfg))
         and set(task_names(cfg)) <= set(dict(iter_options())["data.source"].metadata["choices"])
         and (bool(task_names(cfg)) or cfg.adapter.method != "mtlora"),
-        "mtlora.task-r": cfg.mtlora.task_r >= 1,
+        "mtlora.task-r": 1 <= cfg.mtlora.task_r <= MAX_RANK,
         "mtlora.task-layers": cfg.mtlora.task_layers >= 1,
-        "loraplus.lr-ratio": cfg.loraplus.lr_ratio >= 1,
+        "loraplus.lr-ratio": 1 <= cfg.loraplus.lr_ratio < math.inf,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "eval.batch-size": cfg.eval.batch_size >= 1,

@@ -9,7 +9,11 @@
   the public half is registered with ``flwr supernode register``.
 
 Private keys are written with mode 0600 and nothing existing is overwritten
-unless ``force`` is set.
+unless ``force`` is set; a CA is not replaced while a server certificate it
+signed is there (that certificate would stop verifying). Certificates carry
+subject and authority key identifiers, which strict X.509 verification (Python
+3.13's default) requires. Node names must be plain file names and host names
+valid DNS names, so neither can write outside the folder nor forge a SAN entry.
 """
 
 from __future__ import annotations
@@ -17,16 +21,42 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
 
 class KeyExistsError(FileExistsError):
     """A key or certificate is already there and ``force`` was not given."""
+
+
+def check_node_name(name: str) -> str:
+    """A node key's name: 1-64 letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit (no paths)."""
+    if not NODE_NAME.fullmatch(name):
+        raise ValueError(f"node name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with no symbol")
+    return name
+
+
+def check_host(host: str) -> str:
+    """A DNS name for a certificate's SAN: dot-separated labels of letters, digits and inner hyphens, ≤ 253 chars."""
+    if len(host) > 253 or not all(DNS_LABEL.fullmatch(label) for label in host.removesuffix(".").split(".")):
+        raise ValueError(f"host name {host!r} is not a valid DNS name")
+    return host
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
 
 
 def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
@@ -73,15 +103,24 @@ def _certificate(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
     )
-    for extension, critical in extensions:
+    identifiers = [
+        (x509.SubjectKeyIdentifier.from_public_key(public_key), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False),
+    ]
+    for extension, critical in [*extensions, *identifiers]:
         builder = builder.add_extension(extension, critical=critical)
     return builder.sign(signer, hashes.SHA256())
 
 
 def create_ca(directory: Path, name: str = "fedlora CA", days: int = 3650, force: bool = False) -> Path:
-    """Write ``ca.crt`` and ``ca.key`` (0600) to ``directory``; returns the certificate's path."""
+    """Write ``ca.crt`` and ``ca.key`` (0600) to ``directory``; returns the certificate's path.
+
+    Even with ``force``, a CA is not replaced while ``server.pem`` in the same
+    folder is signed by it: every node would reject the SuperLink afterwards.
+    """
     crt, key_path = directory / "ca.crt", directory / "ca.key"
     _check_free([crt, key_path], force)
+    _check_no_dependent_server(directory)
     key = ec.generate_private_key(ec.SECP384R1())
     cert = _certificate(
         name,
@@ -112,6 +151,22 @@ def create_ca(directory: Path, name: str = "fedlora CA", days: int = 3650, force
     return crt
 
 
+def _check_no_dependent_server(directory: Path) -> None:
+    server, ca = directory / "server.pem", directory / "ca.crt"
+    if not (server.exists() and ca.exists()):
+        return
+    try:
+        x509.load_pem_x509_certificate(server.read_bytes()).verify_directly_issued_by(
+            x509.load_pem_x509_certificate(ca.read_bytes())
+        )
+    except (ValueError, TypeError, InvalidSignature):
+        return  # not signed by this CA: replacing the CA does not break it
+    raise KeyExistsError(
+        f"{server} is signed by the CA in {ca}; replacing the CA would invalidate it. Remove server.pem and "
+        "server.key first, then create the CA and a new server certificate (`fedlora pki server`)"
+    )
+
+
 def create_server_certificate(
     directory: Path, hosts: list[str], ips: list[str], days: int = 825, force: bool = False
 ) -> Path:
@@ -125,7 +180,7 @@ def create_server_certificate(
         raise FileNotFoundError(f"no CA in {directory}: create it first (`fedlora pki ca`)") from err
     pem, key_path = directory / "server.pem", directory / "server.key"
     _check_free([pem, key_path], force)
-    names = [x509.DNSName(h) for h in hosts] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    names = [x509.DNSName(check_host(h)) for h in hosts] + [x509.IPAddress(_ip(ip)) for ip in ips]
     key = ec.generate_private_key(ec.SECP384R1())
     cert = _certificate(
         (hosts or ips)[0],
@@ -146,7 +201,7 @@ def create_server_certificate(
 
 def create_node_key(directory: Path, name: str, force: bool = False) -> Path:
     """Write a SuperNode's key pair ``<name>`` (0600) and ``<name>.pub`` in OpenSSH format; returns the public one."""
-    private, public = directory / name, directory / f"{name}.pub"
+    private, public = directory / check_node_name(name), directory / f"{name}.pub"
     _check_free([private, public], force)
     key = ec.generate_private_key(ec.SECP384R1())
     private_bytes = key.private_bytes(

@@ -20,7 +20,18 @@ from fedlora.adapter import save_adapter_files
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
+    fsync(tmp)
     os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
+    fsync(path.parent)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to disk, so a rename after it never exposes unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RoundReport:
@@ -59,21 +70,30 @@ class RoundReport:
         return " | ".join(parts)
 
 
-def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+def write_folder(folder: Path, write: Callable[[Path], None], keep_old: bool = False) -> None:
     """Let ``write`` fill a scratch folder, then swap it in for ``folder``: a crash leaves a complete folder.
 
-    Only in the instant between the two renames is there no ``folder``; then ``folder.old`` holds it.
+    The scratch folder's files and the folder itself are fsynced before the
+    rename, and the parent after it, so a power loss cannot leave a renamed
+    folder of empty files. Only in the instant between the two renames is there
+    no ``folder``; then ``folder.old`` holds it. With ``keep_old`` the replaced
+    folder stays as ``folder.old`` (a checkpoint's fallback).
     """
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     write(partial)
+    for file in partial.rglob("*"):
+        fsync(file)
+    fsync(partial)
     old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     partial.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync(folder.parent)
+    if not keep_old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_adapter(model: PeftModel, folder: Path, adapters: list[str] | None = None) -> None:

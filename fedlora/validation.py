@@ -8,13 +8,15 @@ against their own model before loading it. A failed check raises
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
+from flwr.app import ArrayRecord
 from torch import Tensor
 
 from fedlora.aggregation import LORA_E
+
+NPY_HEADER_BYTES = 1024  # a NumPy array's header on the wire: 128 bytes for adapter shapes, with room to spare
 
 
 class InvalidUpdate(ValueError):
@@ -23,12 +25,7 @@ class InvalidUpdate(ValueError):
 
 def check_state(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> None:
     """``state`` must have exactly ``reference``'s keys and shapes, floating dtypes and finite values."""
-    missing = sorted(set(reference) - set(state))
-    if missing:
-        raise InvalidUpdate(f"missing tensor(s): {_names(missing)}")
-    extra = sorted(set(state) - set(reference))
-    if extra:
-        raise InvalidUpdate(f"unexpected tensor(s): {_names(extra)}")
+    _check_keys(state, reference)
     for key, tensor in state.items():
         expected = tuple(reference[key].shape)
         if tuple(tensor.shape) != expected:
@@ -40,11 +37,38 @@ def check_state(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
             raise InvalidUpdate(f"tensor '{key}' contains NaN or Inf")
 
 
+MAX_EXAMPLES = 2**53
+"""Largest ``num-examples`` accepted: every integer up to it is exact in a float, and a sum of many stays finite."""
+
+
 def check_weight(value: object, key: str = "num-examples") -> float:
-    """An aggregation weight reported by a client: a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise InvalidUpdate(f"metric '{key}' must be a finite number > 0, got {value!r}")
+    """An aggregation weight reported by a client: an integer in 1..:data:`MAX_EXAMPLES` (an integral float counts).
+
+    Why an integer with a bound: a weight is a count of examples, and two
+    clients claiming ~1e308 would make the weights sum to infinity, every
+    normalised weight 0 and the global adapter all zeros.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 1 <= value <= MAX_EXAMPLES
+        or not float(value).is_integer()
+    ):
+        raise InvalidUpdate(f"metric '{key}' must be an integer in 1..2**53, got {value!r}")
     return float(value)
+
+
+def check_record_size(record: ArrayRecord, reference: Mapping[str, Tensor]) -> None:
+    """Before anything is decoded: ``record`` has ``reference``'s keys and no more bytes than they take in float32.
+
+    A reply is refused by its byte count, so a client cannot make the server
+    materialise an array larger than the adapter it was sent.
+    """
+    _check_keys(record, reference)
+    for key, array in record.items():
+        limit = reference[key].numel() * 4 + NPY_HEADER_BYTES
+        if len(array.data) > limit:
+            raise InvalidUpdate(f"tensor '{key}' is {len(array.data)} bytes, more than the {limit} it can take")
 
 
 def rank_masks(state: Mapping[str, Tensor], pattern: Mapping[str, object]) -> dict[str, Tensor]:
@@ -76,6 +100,15 @@ def rank_masks(state: Mapping[str, Tensor], pattern: Mapping[str, object]) -> di
             raise InvalidUpdate(f"rank pattern of '{key}' marks indices pruned whose singular value is not zero")
         masks[key] = mask
     return masks
+
+
+def _check_keys(found: Iterable[str], reference: Iterable[str]) -> None:
+    missing = sorted(set(reference) - set(found))
+    if missing:
+        raise InvalidUpdate(f"missing tensor(s): {_names(missing)}")
+    extra = sorted(set(found) - set(reference))
+    if extra:
+        raise InvalidUpdate(f"unexpected tensor(s): {_names(extra)}")
 
 
 def _rank_hint(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> str:

@@ -12,7 +12,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,15 @@ from torch.utils.data import DataLoader
 
 from fedlora import runtime
 from fedlora.adapter import adapter_state, load_adapter_state
-from fedlora.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from fedlora.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_resumable,
+    fingerprint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from fedlora.config import RunConfig, for_task, from_run_config, task_names
 from fedlora.methods.mtlora import task_adapter, task_state
 from fedlora.report import RoundReport, save_adapter
@@ -135,7 +143,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     """Run ``num-server-rounds`` rounds of federated adapter training; returns the final global adapter.
 
     After every round the server checkpoints (:mod:`fedlora.checkpoint`); with
-    ``resume = true`` it continues from the last checkpointed round.
+    ``resume = true`` it continues from the last checkpointed round, and refuses
+    (:class:`~fedlora.checkpoint.CheckpointError`) when there is none or it does
+    not fit this run.
     """
     strategy = build_strategy(cfg)  # fails on a bad strategy name before anything loads
     if cfg.cohort.clients:
@@ -146,9 +156,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     checkpoint_dir = output_dir / "checkpoint"
     resumed = load_checkpoint(checkpoint_dir) if cfg.run.resume else None
     if cfg.run.resume and resumed is None:
-        log(WARNING, "resume: no checkpoint in %s; starting from round 1", checkpoint_dir)
+        raise CheckpointError(f"resume=true but there is no checkpoint in {checkpoint_dir}")
     done = resumed.server_round if resumed else 0
     bench = runtime.workbench(cfg)
+    if resumed:
+        check_resumable(resumed, cfg, adapter_state(bench.model))
     tasks = task_names(cfg)
     test_loaders = {
         task: bench.loader(runtime.test_set(for_task(cfg, task) if task else cfg), cfg.eval.batch_size)
@@ -176,7 +188,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
             report.add(server_round, {**entry, "clients": clients} if clients else entry)
             save_checkpoint(
                 checkpoint_dir,
-                Checkpoint(server_round, arrays, dict(strategy.round_log), report.rounds, random.getstate()),
+                Checkpoint(
+                    server_round, arrays, dict(strategy.round_log), report.rounds, random.getstate(), fingerprint(cfg)
+                ),
             )
         return MetricRecord(metrics)
 

@@ -6,7 +6,10 @@ of any :class:`strategies.base.AdapterStrategy` subclass (docs/strategies.md).
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+from pathlib import Path
 
 from fedlora.config import ConfigError, RunConfig, client_rank, client_task
 from strategies.adalora_merge import AdaLoRAMerge
@@ -34,12 +37,26 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
 
 
 def strategy_class(name: str) -> type[AdapterStrategy]:
-    """The class registered as ``name``, or imported from ``package.module:Class``."""
+    """The class registered as ``name``, or imported from ``package.module:Class``.
+
+    A path is operator-trusted code: importing it runs the module's top level.
+    Before that, the module must exist (``find_spec``, which imports only its
+    parent packages) and, when it is a Python source file, define ``Class`` at
+    its top level, so a typo never runs an unrelated module.
+    """
     if name in STRATEGIES:
         return STRATEGIES[name]
     module, _, attr = name.partition(":")
     if not attr:
         raise ConfigError(f"unknown strategy '{name}'; expected one of {', '.join(STRATEGIES)} or 'module:Class'")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ConfigError(f"strategy.name='{name}': cannot import it (no module '{module}')")
+    if spec.origin and spec.origin.endswith(".py") and attr not in _top_level_names(Path(spec.origin)):
+        raise ConfigError(f"strategy.name='{name}': module '{module}' ({spec.origin}) defines no '{attr}'")
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
@@ -47,6 +64,20 @@ def strategy_class(name: str) -> type[AdapterStrategy]:
     if not (isinstance(cls, type) and issubclass(cls, AdapterStrategy)):
         raise ConfigError(f"strategy.name='{name}' is not a subclass of strategies.base.AdapterStrategy")
     return cls
+
+
+def _top_level_names(source: Path) -> set[str]:
+    """Names a Python source file binds at its top level (classes, functions, assignments, imports)."""
+    names = set()
+    for node in ast.parse(source.read_text(encoding="utf-8"), str(source)).body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
 
 
 def build_strategy(cfg: RunConfig) -> AdapterStrategy:
@@ -70,6 +101,9 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
         min_replies=cfg.run.min_replies,
         max_update_norm=cfg.run.max_update_norm,
         cohorts=cohorts,
+        max_weight_ratio=cfg.run.max_weight_ratio,
+        robust=cfg.strategy.robust,
+        trim_fraction=cfg.strategy.trim_fraction,
         **cls.options(cfg),
     )
 

@@ -3,11 +3,18 @@
 :class:`AdapterStrategy` is Flower's ``FedAvg`` (sampling, message building,
 metric aggregation) plus what adapters need:
 
-* every training reply is decoded and checked against the global adapter that
-  was sent (keys, shapes, dtype, finite values, a positive ``num-examples``,
-  optionally a bound on the update's norm); a bad reply is excluded with a
-  logged reason naming the node, and the round goes on with the rest; with
-  fewer than ``min_replies`` good replies the global adapter stays as it was;
+* every training reply is checked against the global adapter that was sent,
+  by its byte count before it is decoded, then its keys, shapes, dtype, values
+  finite in the wire dtype, an integer ``num-examples`` and a bound on the
+  update's norm; a bad reply, or one whose decoding fails in any way, is
+  excluded with a logged reason naming the node, and the round goes on with the
+  rest; with fewer than ``min_replies`` good replies the global adapter stays as
+  it was, and so it does when the strategy's aggregation itself fails;
+* no client's weight exceeds ``max_weight_ratio`` times the round's median, and
+  ``robust`` bounds a minority of bad clients for every strategy
+  (:mod:`fedlora.robust`); only finite scalar metrics are averaged
+  (:func:`fedlora.robust.average_metrics`, in place of Flower's
+  ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``);
 * rounds can start after 1 (``round_offset``), so a resumed run numbers them,
   and tells clients, as the interrupted run would have;
 * bytes sent and received are counted per round;
@@ -36,13 +43,12 @@ node's; a strategy never sees the difference.
 
 from __future__ import annotations
 
-import math
 import random
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Any, ClassVar
 
 import torch
@@ -56,8 +62,9 @@ from torch import Tensor
 from fedlora.adapter import split_residual
 from fedlora.aggregation import LORA_A
 from fedlora.cohort import protocol
-from fedlora.config import RANK_KEY, TASK_KEY, RunConfig
-from fedlora.validation import InvalidUpdate, check_state, check_weight
+from fedlora.config import RANK_KEY, TASK_KEY, ConfigError, RunConfig, RunSettings, StrategySettings
+from fedlora.robust import average_metrics, capped_weights, robust_states, update_norm
+from fedlora.validation import InvalidUpdate, check_record_size, check_state, check_weight
 from fedlora.wire import from_record, record_nbytes, to_record
 
 
@@ -93,7 +100,10 @@ class AdapterStrategy(FedAvg):
     Parameters are Flower ``FedAvg``'s, plus ``wire_dtype`` (``float32`` or
     ``float16``), the dtype the global adapter is sent in; ``min_replies``, the
     fewest good replies a round aggregates; ``max_update_norm``, the largest
-    accepted L2 norm of a reply's update (0: no bound).
+    accepted L2 norm of a reply's update (0: no bound); ``max_weight_ratio``, the
+    largest weight of a client relative to the round's median; ``robust`` and
+    ``trim_fraction``, the robust aggregation (:func:`fedlora.robust.robust_states`).
+    Defaults are the run config's.
     """
 
     per_node: ClassVar[bool] = False  # True: ask nodes their profile and send each its own adapter
@@ -103,7 +113,10 @@ class AdapterStrategy(FedAvg):
         *,
         wire_dtype: str = "float32",
         min_replies: int = 1,
-        max_update_norm: float = 0.0,
+        max_update_norm: float = RunSettings.max_update_norm,
+        max_weight_ratio: float = RunSettings.max_weight_ratio,
+        robust: str = StrategySettings.robust,
+        trim_fraction: float = StrategySettings.trim_fraction,
         cohorts: Cohorts | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -113,6 +126,9 @@ class AdapterStrategy(FedAvg):
         self.wire_dtype = wire_dtype
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
+        self.max_weight_ratio = max_weight_ratio
+        self.robust = robust
+        self.trim_fraction = trim_fraction
         self.round_offset = 0  # rounds already done by an earlier, interrupted run
         self.global_state: dict[str, Tensor] = {}
         self.current_round = 0  # the round being trained, as clients are told (round_offset included)
@@ -156,9 +172,17 @@ class AdapterStrategy(FedAvg):
         self.global_state, self._grid, self.sent, self.current_round = from_record(arrays), grid, {}, server_round
         if self.cohorts:
             messages = self._cohort_messages(arrays, config, MessageType.TRAIN, self.fraction_train, server_round)
+            sampled = len(self.sent)
         else:
             messages = super().configure_train(server_round, arrays, config, grid)
-        return self._count_down(server_round, messages)
+            sampled = len(messages)
+        messages = self._count_down(server_round, messages)
+        if sampled < self.min_replies:  # no round of this run could ever aggregate
+            raise ConfigError(
+                f"min-replies={self.min_replies} but only {sampled} client(s) can be sampled for training "
+                f"(fraction-train={self.fraction_train}, {len(list(grid.get_node_ids()))} node(s) connected)"
+            )
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -282,17 +306,21 @@ class AdapterStrategy(FedAvg):
         """Check each reply, aggregate the good ones, keep the global adapter if too few are good."""
         server_round += self.round_offset
         accepted: list[ClientReply] = []
-        states, weights = [], []
+        states, weights, sents = [], [], []
         for reply in self.client_replies(replies):
             try:
                 state, weight = self.decode_reply(reply)
             except InvalidUpdate as err:
                 self._exclude(server_round, reply, str(err))
                 continue
+            except Exception as err:  # a reply is data: whatever it holds, it must not stop the round
+                self._exclude(server_round, reply, f"cannot be decoded ({type(err).__name__}: {err})")
+                continue
             self._count(server_round, "bytes-up", record_nbytes(reply.content[self.arrayrecord_key]))
             accepted.append(reply)
             states.append(state)
             weights.append(weight)
+            sents.append(self.sent[reply.client])
         log(INFO, "aggregate_train: %d reply(ies) accepted", len(accepted))
         if len(accepted) < self.min_replies:
             log(
@@ -303,14 +331,21 @@ class AdapterStrategy(FedAvg):
                 self.min_replies,
             )
             return None, None
-        new_state = self.aggregate_states(server_round, states, weights)
-        self._check_global(new_state)  # a strategy bug must not ship a broken adapter
-        metrics = self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key)
+        weights = capped_weights(weights, self.max_weight_ratio)
+        try:
+            robust = robust_states(states, sents, self.robust, self.trim_fraction)
+            arrays = to_record(self.aggregate_states(server_round, robust, weights), self.wire_dtype)
+            self._check_global(from_record(arrays))  # as it travels: a float16 wire turns 1e5 into inf
+        except Exception as err:  # a strategy bug or numeric failure must not ship a broken adapter nor stop the run
+            log(ERROR, "round %d: aggregation failed, the global adapter stays as it was: %r", server_round, err)
+            self._count(server_round, "failed-aggregations", 1)
+            return None, None
+        metrics = MetricRecord(self._average_metrics(server_round, accepted, weights))
         self.round_log[server_round]["train"] = dict(metrics)
         for key, value in self.round_log[server_round].items():
             if isinstance(value, int | float):
                 metrics[key] = value
-        return to_record(new_state, self.wire_dtype), metrics
+        return arrays, metrics
 
     def client_replies(self, replies: Iterable[Message]) -> list[ClientReply]:
         """One :class:`ClientReply` per client: per node, or per virtual client of each cohort reply.
@@ -351,19 +386,29 @@ class AdapterStrategy(FedAvg):
 
     def average_evaluations(self, server_round: int, replies: list[ClientReply]) -> MetricRecord | None:
         """Weighted average of the well-formed evaluation replies among ``replies`` (``client-eval`` in the log)."""
-        good = []
+        good, weights = [], []
         for reply in replies:
             try:
-                self._weight(reply, expect_arrays=False)
+                weights.append(self._weight(reply, expect_arrays=False))
             except InvalidUpdate as err:
                 log(WARNING, "round %d: evaluation reply from %s excluded: %s", server_round, self._who(reply.client),
                     err)  # fmt: skip
                 continue
-            good.append(reply.content)
+            good.append(reply)
         if not good:
             return None
-        metrics = self.evaluate_metrics_aggr_fn(good, self.weighted_by_key)
+        metrics = MetricRecord(
+            self._average_metrics(server_round, good, capped_weights(weights, self.max_weight_ratio))
+        )
         self.round_log[server_round]["client-eval"] = dict(metrics)
+        return metrics
+
+    def _average_metrics(self, server_round: int, replies: list[ClientReply], weights: list[float]) -> dict[str, float]:
+        """The replies' finite scalar metrics averaged with ``weights``; every value left out is logged."""
+        records = [next(iter(r.content.metric_records.values())) for r in replies if r.content is not None]
+        metrics, dropped = average_metrics(records, weights, self.weighted_by_key)
+        for index, reason in dropped:
+            log(WARNING, "round %d: %s: %s", server_round, self._who(replies[index].client), reason)
         return metrics
 
     def _weight(self, reply: ClientReply, expect_arrays: bool) -> float:
@@ -387,13 +432,15 @@ class AdapterStrategy(FedAvg):
         sent = self.sent.get(reply.client)
         if sent is None or reply.content is None:
             raise InvalidUpdate("this client was not sent an adapter to train this round")
+        record = reply.content[self.arrayrecord_key]
+        check_record_size(record, sent)  # before anything is materialised
         try:
-            state = from_record(reply.content[self.arrayrecord_key])
+            state = from_record(to_record(from_record(record), self.wire_dtype))  # the values that travel on
         except (ValueError, TypeError) as err:
             raise InvalidUpdate(str(err)) from err
         check_state(state, sent)
         if self.max_update_norm:
-            norm = math.sqrt(sum(float((state[k] - v).square().sum()) for k, v in sent.items()))
+            norm = update_norm(state, sent)
             if norm > self.max_update_norm:
                 raise InvalidUpdate(f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")
         return state, weight

@@ -7,7 +7,9 @@ and returns rank-r_k factors; the server zero-pads them to the global rank and
 averages factor by factor. With ``norm_weighting`` (the paper's
 sparsity-weighted aggregation) a client's weight in a layer is its examples
 times the Frobenius norm of its update ``B_k·A_k`` in that layer, so clients
-whose update in a layer is small pull the average less; without it, this is
+whose update in a layer is small pull the average less; a norm counts for at
+most ``max_weight_ratio`` times the layer's median norm, so one client with a
+huge update cannot take the layer over. Without it, this is
 naive zero-padding (weights by examples only). The paper's rank self-pruning
 regulariser is not applied.
 """
@@ -21,6 +23,7 @@ from torch import Tensor
 from fedlora.adapter import resize_state
 from fedlora.aggregation import average_states, lora_pairs, product_norm, resize_rank, weighted_average
 from fedlora.config import RunConfig
+from fedlora.robust import capped_weights
 from strategies.base import AdapterStrategy, NodeProfile
 
 
@@ -52,8 +55,9 @@ class HetLoRA(AdapterStrategy):
         for a_key, b_key in pairs.values():
             padded = [resize_rank(s[b_key], s[a_key], self.global_rank) for s in states]
             layer_weights = weights
-            if self.norm_weighting:
-                layer_weights = [w * product_norm(b, a) for w, (b, a) in zip(weights, padded, strict=True)]
+            if self.norm_weighting:  # a norm counts for at most max-weight-ratio × the median: no client takes a layer
+                norms = capped_weights([product_norm(b, a) for b, a in padded], self.max_weight_ratio)
+                layer_weights = [w * n for w, n in zip(weights, norms, strict=True)]
                 if sum(layer_weights) == 0:  # every update in this layer is zero: fall back to examples
                     layer_weights = weights
             new_state[b_key] = weighted_average([b for b, _ in padded], layer_weights)

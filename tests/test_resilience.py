@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -60,7 +61,8 @@ def test_a_crash_mid_swap_leaves_a_usable_checkpoint(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint"
     for server_round in (1, 2):
         save_checkpoint(folder, Checkpoint(server_round, to_record({"x": torch.ones(2)}), {}, [], random.getstate()))
-    folder.rename(tmp_path / "checkpoint.old")  # the instant between write_folder's two renames
+    shutil.rmtree(tmp_path / "checkpoint.old")  # the instant between write_folder's two renames: the round-1
+    folder.rename(tmp_path / "checkpoint.old")  # fallback is gone, the round-2 checkpoint not yet replaced
     assert load_checkpoint(folder).server_round == 2
     assert load_checkpoint(tmp_path / "elsewhere") is None
 
@@ -126,6 +128,8 @@ def wait_for_round(checkpoint: Path, server_round: int, timeout: float = 400) ->
     raise TimeoutError(f"no checkpoint of round {server_round} within {timeout}s")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_server_killed_mid_run_resumes_to_the_same_adapter(tmp_path: Path, tiny_llama: Path) -> None:
     overrides = {
         "model.name": str(tiny_llama),

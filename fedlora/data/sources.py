@@ -17,8 +17,9 @@ import itertools
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas
 import yaml
-from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+from datasets import ClassLabel, Dataset, Features, Value
 
 from fedlora.models import CAUSAL_LM, CLASSIFICATION
 
@@ -119,13 +120,21 @@ def load_local(path: str | Path, task: str) -> Dataset:
 
     Classification needs the columns ``text`` and ``label`` (an integer class
     index of the run's label set); causal LM needs ``prompt`` and ``response``.
+    The file is read into memory (pandas), never through ``datasets.load_dataset``,
+    which would copy it into the shared, world-readable Hugging Face cache, where it
+    would outlive the run. A ``.json`` file is a JSON array of records or JSON lines.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataNotFoundError(f"node data file {path} does not exist")
     if path.suffix not in LOCAL_FORMATS:
         raise ValueError(f"node data file {path} must be one of {', '.join(LOCAL_FORMATS)}")
-    data = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    if LOCAL_FORMATS[path.suffix] == "csv":
+        frame = pandas.read_csv(path)
+    else:
+        lines = path.suffix == ".jsonl" or not path.read_text(encoding="utf-8").lstrip().startswith("[")
+        frame = pandas.read_json(path, lines=lines, dtype=False)
+    data = Dataset.from_pandas(frame, preserve_index=False)
     missing = [c for c in LOCAL_COLUMNS[task] if c not in data.column_names]
     if missing:
         raise ValueError(f"node data file {path} lacks column(s) {', '.join(missing)} needed for {task}")
