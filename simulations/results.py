@@ -26,17 +26,29 @@ def page_header(title: str, script: str, setup: dict[str, Any]) -> list[str]:
     ]
 
 
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name} -->", f"<!-- /{name} -->"
+
+
+def _section(text: str, name: str) -> tuple[int, int] | None:
+    """Where section ``name`` (its markers included) stands in ``text``, if it does."""
+    start, end = _markers(name)
+    if start in text and end in text:
+        return text.index(start), text.index(end) + len(end)
+    return None
+
+
 def write_section(page: Path, name: str, text: str) -> None:
     """Put ``text`` into ``page`` between ``<!-- name -->`` and ``<!-- /name -->``, replacing what was there.
 
     Two scripts can then share one page: each regenerates only its own section
     (a page without the section gets it appended).
     """
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    start, end = _markers(name)
     block = f"{start}\n{text.rstrip()}\n{end}"
     old = page.read_text() if page.exists() else ""
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    if where := _section(old, name):
+        new = old[: where[0]] + block + old[where[1] :]
     else:
         new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
     page.write_text(new)
@@ -46,7 +58,6 @@ def keep_sections(page: Path, text: str, names: tuple[str, ...]) -> str:
     """``text`` (a regenerated page) with the sections ``names`` of the current ``page`` carried over."""
     old = page.read_text() if page.exists() else ""
     for name in names:
-        start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-        if start in old and end in old:
-            text = text.rstrip() + "\n\n" + old[old.index(start) : old.index(end) + len(end)] + "\n"
+        if where := _section(old, name):
+            text = text.rstrip() + "\n\n" + old[where[0] : where[1]] + "\n"
     return text

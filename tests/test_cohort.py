@@ -259,7 +259,7 @@ def test_the_model_is_left_as_it_was(tiny_llama: Path) -> None:
 
 @pytest.mark.parametrize(
     ("method", "reason"),
-    [("adalora", "lora_E"), ("vera", "vera_lambda"), ("prompt-tuning", "prompt_encoder")],
+    [("adalora", "SVDLinear"), ("vera", "vera_lambda"), ("prompt-tuning", "prompt_encoder")],
 )
 def test_methods_that_cannot_batch_say_why(tiny_llama: Path, method: str, reason: str) -> None:
     overrides = llama_run(tiny_llama, method, **{"adapter.target-modules": "q_proj,v_proj"})

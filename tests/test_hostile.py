@@ -366,7 +366,7 @@ def test_out_of_range_config_is_refused_naming_the_key(override: dict) -> None:
 def test_min_replies_above_the_nodes_that_can_be_sampled_is_an_error() -> None:
     strategy = configured(FedAvgFactors)
     strategy.min_replies = 5
-    with pytest.raises(ConfigError, match=r"min-replies=5 but only 3 node\(s\) can be sampled"):
+    with pytest.raises(ConfigError, match=r"min-replies=5 but only 3 client\(s\) can be sampled"):
         strategy.configure_train(1, to_record(torch_state(lora_state(0))), ConfigRecord(), FakeGrid([11, 12, 13]))
 
 

@@ -60,6 +60,8 @@ def blocker(model: PeftModel) -> str:
         return "the model holds several peft adapters (one per task), and clients activate different ones"
     covered = set()
     for name, layer, adapter in _lora_sites(model):
+        if not isinstance(layer.lora_A[adapter], nn.Linear):
+            return f"'{name}' is a {type(layer).__name__} whose factors are not linear layers (AdaLoRA's SVD triplets)"
         if not isinstance(layer.get_base_layer(), nn.Linear):  # bitsandbytes' 4- and 8-bit layers are nn.Linear too
             return f"'{name}' is a LoRA layer over {type(layer.get_base_layer()).__name__}, not a linear layer"
         covered |= {f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"}
