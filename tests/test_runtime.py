@@ -70,6 +70,7 @@ def differ(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("flower_identity")
 def test_the_base_is_loaded_once_for_many_clients_of_a_worker() -> None:
     arrays = global_adapter(BASE)
@@ -84,6 +85,7 @@ def test_the_base_is_loaded_once_for_many_clients_of_a_worker() -> None:
     assert runtime.stats["base-loads"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("flower_identity")
 def test_no_client_state_leaks_into_another_clients_training() -> None:
     arrays = global_adapter(BASE)
@@ -125,6 +127,8 @@ client_train(overrides, global_adapter(overrides), 0, server_round=1)
 """
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.usefixtures("flower_identity")
 def test_optimizer_state_in_the_client_store_survives_a_worker_restart(tmp_path: Path) -> None:
     overrides = {**BASE, "train.keep-optimizer-state": True, "store-dir": str(tmp_path / "store")}
