@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
+import fedlora.quiet  # noqa: F401  # installs the third-party warning filters before fedlora loads
 from fedlora import runtime
 from fedlora.adapter import adapter_state, load_adapter_state, resize_like, split_residual, trainable_names
 from fedlora.config import (

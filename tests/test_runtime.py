@@ -18,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from client_app.app import train
 from fedlora import runtime, store
 from fedlora.adapter import adapter_state
-from fedlora.config import from_run_config
+from fedlora.config import default_run_config, from_run_config
 from fedlora.wire import from_record, to_record
-from server_app.app import ProgressGrid, summary_table
+from server_app.app import ProgressGrid, configuration_line, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -264,3 +264,9 @@ def test_summary_table_has_a_row_per_round() -> None:
     assert len(lines) == 4
     assert "| 1 | 4/5 | 2.5 | 0.9000 | 0.5000 | 0.8000 | 1.20 | 2.40 |" == lines[3]
     assert lines[2].startswith("| 0 |  | 1.0 |")  # the initial evaluation: no clients, no training
+
+
+def test_configuration_line_has_the_headline_and_every_changed_key() -> None:
+    line = configuration_line({**default_run_config(), "train.lr": 0.01})
+    assert "model.name='smollm2'" in line and "num-server-rounds=3" in line and "train.lr=0.01" in line
+    assert "train.batch-size" not in line  # at its default
