@@ -6,6 +6,8 @@
 #   bash tests/run.sh -m e2e           # only what runs `flwr run`, a deployment or another process
 #   bash tests/run.sh -n 0 -k wire     # one process, selected tests
 # Markers (pyproject.toml): `e2e`, and `slow` for anything over about 10 seconds on 2 cores.
+# Measured 2026-11-26 on 2 cores shared with other test runs (load average 4-11, median 7.6): everything, 26 min
+# (167 tests; their durations sum to 51 min, so both workers were busy throughout); fast tier, 57 s at load 2-3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash setup.sh
