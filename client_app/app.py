@@ -38,6 +38,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch import Tensor
 
+import fedlora.quiet  # noqa: F401  # installs the third-party warning filters before fedlora loads
 from fedlora import runtime
 from fedlora.adapter import (
     adapter_state,

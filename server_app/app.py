@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+import fedlora.quiet  # noqa: F401  # installs the third-party warning filters before fedlora loads
 from fedlora import runtime
 from fedlora.adapter import adapter_state, load_adapter_state
 from fedlora.checkpoint import (
@@ -33,7 +34,7 @@ from fedlora.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from fedlora.config import RunConfig, for_task, from_run_config, task_names
+from fedlora.config import RunConfig, default_run_config, for_task, from_run_config, task_names
 from fedlora.methods.mtlora import task_adapter, task_state
 from fedlora.report import RoundReport, save_adapter
 from fedlora.training import evaluate
@@ -92,6 +93,21 @@ class ProgressGrid:
         return replies
 
 
+# Always in the configuration line: what a reader needs to tell two runs' logs apart.
+HEADLINE_KEYS = ("model.name", "data.source", "adapter.method", "adapter.r", "strategy.name", "num-server-rounds")
+
+
+def configuration_line(run_config: dict[str, Any]) -> str:
+    """The run's configuration in one line: the headline keys and every key set away from its default."""
+    defaults = default_run_config()
+    shown = [
+        f"{key}={value!r}"
+        for key, value in sorted(run_config.items())
+        if key in HEADLINE_KEYS or defaults.get(key) != value
+    ]
+    return f"Run configuration: {' '.join(shown)} (every other key at its default, see docs/configuration.md)"
+
+
 def summary_table(rounds: list[dict[str, Any]]) -> list[str]:
     """The end-of-run table: one Markdown row per round of ``metrics.json``'s entries."""
     metrics = sorted({k for r in rounds for k in r.get("server-eval", {}) if k != "num-examples"})
@@ -136,7 +152,9 @@ def mean_over_tasks(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls with the run's config."""
-    run_server(grid, from_run_config(context.run_config))
+    cfg = from_run_config(context.run_config)  # a bad key fails here, before it is logged
+    log(INFO, "%s", configuration_line(dict(context.run_config)))
+    run_server(grid, cfg)
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:

@@ -22,8 +22,9 @@ partitions) and seed:
    parameters × bytes per element, for float32 and float16 transport.
 
 It writes ``docs/performance.json`` and ``docs/performance.md`` (results, the
-machine, the command). Timed runs hold the local-SuperLink lock, so other
-``flwr run`` simulations on the machine wait instead of competing for the CPU.
+machine, the command). Timed runs hold the machine lock exclusively
+(:func:`simulations.run.machine_lock`), so other fedlora simulations on the
+machine wait instead of competing for the CPU.
 """
 
 from __future__ import annotations
@@ -53,15 +54,7 @@ from fedlora.aggregation import average_states
 from fedlora.config import RunConfig, from_run_config
 from fedlora.training import evaluate, round_lr, train_steps, trainable_parameters
 from simulations.results import keep_sections
-from simulations.run import (
-    LOCAL_SUPERLINK_LOCK,
-    ROOT,
-    flwr_command,
-    flwr_env,
-    run_config_arg,
-    stop_superlink,
-    superlink_pids,
-)
+from simulations.run import ROOT, flwr_command, local_superlink, machine_lock, run_config_arg, superlink_pids
 
 SIM = "flwr-simulation (ServerApp, Ray driver)"
 OTHER = "other (Ray services, superexec)"
@@ -180,10 +173,11 @@ def federated(
     flwr_home, out = workdir / name / "flwr", workdir / name / "out"
     overrides = {**COMMON, **overrides, "output-dir": str(out)}
     cmd = flwr_command(run_config_arg(overrides), clients)
-    with LOCAL_SUPERLINK_LOCK:  # timed from here: waiting for someone else's run is not counted
+    # Timed from inside the lock: waiting for someone else's run is not counted.
+    with machine_lock(exclusive=True), local_superlink(flwr_home) as env:
         deadline = time.monotonic() + 900
         while foreign := sorted(set(superlink_pids()) - set(superlink_pids(flwr_home))):
-            # A run started outside the lock (plain `flwr run .`) holds the ports: wait for it to end.
+            # A run started outside the lock (plain `flwr run .`, a deployment) competes for the CPU: wait for it.
             if time.monotonic() > deadline:
                 raise RuntimeError(f"another local SuperLink is running (PID {foreign}); stop it first")
             time.sleep(5)
@@ -191,11 +185,10 @@ def federated(
         monitor.start()
         started = time.monotonic()
         try:
-            result = subprocess.run(cmd, env=flwr_env(flwr_home), cwd=ROOT, capture_output=True, text=True, check=False)
+            result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
             wall = time.monotonic() - started
         finally:
             memory, cpu = monitor.stop()
-            stop_superlink(flwr_home)
     log = result.stdout + result.stderr
     (workdir / f"{name}.log").write_text(log)
     if result.returncode != 0 or not (out / "metrics.json").is_file():
@@ -316,14 +309,14 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # The plain loop runs before and after the two simulations and is averaged, so that a drift in
     # what else the machine does during the benchmark weighs on both sides alike.
     print("[bench] plain loop", flush=True)
-    with LOCAL_SUPERLINK_LOCK:
+    with machine_lock(exclusive=True):
         before = plain_loop(main, args.clients)
     print("[bench] federated run, worker cache on", flush=True)
     results["federated"] = federated("federated", main, args.clients, workdir)
     print("[bench] FlowerTune pattern: the base reloaded on every call", flush=True)
     results["flowertune"] = federated("flowertune", {**main, "reuse-base": False}, args.clients, workdir)
     print("[bench] plain loop again", flush=True)
-    with LOCAL_SUPERLINK_LOCK:
+    with machine_lock(exclusive=True):
         after = plain_loop(main, args.clients)
         results["base-load-s"] = base_load_s(from_run_config({**COMMON, **main}))
     results["plain-runs"] = [before, after]

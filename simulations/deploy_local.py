@@ -13,23 +13,15 @@ Runtime dependency installation stays off everywhere.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from fedlora.pki import create_ca, create_node_key, create_server_certificate
-from simulations.run import LOCAL_SUPERLINK_LOCK, ROOT, flwr_env, process_tree, stop_processes
+from simulations.run import ROOT, flwr_env, free_port, process_tree, stop_processes
 
 CONNECTION = "fedlora-local"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalDeployment:
@@ -62,12 +54,7 @@ class LocalDeployment:
         return process
 
     def start_superlink(self) -> subprocess.Popen:
-        """The SuperLink: TLS with the CA's server certificate, node authentication on, no dependency installs.
-
-        Holds the local SuperLink lock until :meth:`stop`: ``flwr run`` on a local
-        simulation refuses to start beside a foreign SuperLink.
-        """
-        LOCAL_SUPERLINK_LOCK.acquire()
+        """The SuperLink: TLS with the CA's server certificate, node authentication on, no dependency installs."""
         return self._start(
             "superlink",
             [
@@ -138,8 +125,6 @@ class LocalDeployment:
         stop_processes(process_tree([p.pid for p in self.processes]))
         for process in self.processes:
             process.wait()
-        if LOCAL_SUPERLINK_LOCK.is_locked:
-            LOCAL_SUPERLINK_LOCK.release()
 
 
 def main() -> None:

@@ -3,29 +3,37 @@
 ``python -m simulations.run --clients 4 -c "num-server-rounds=2 model.name='minilm'"``
 
 ``flwr run`` starts a local SuperLink in the background that outlives the run;
-this wrapper gives it a private ``FLWR_HOME``, turns off telemetry and the
-per-run dependency installation (no internet here), streams the run's logs and
-stops that SuperLink by PID when the run ends.
+this wrapper gives it a private ``FLWR_HOME`` and ports of its own (so that
+several runs can share the machine), turns off telemetry and the per-run
+dependency installation (no internet here), streams the run's logs and stops
+that SuperLink by PID when the run ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 ROOT = Path(__file__).resolve().parents[1]
-# Held while a local SuperLink runs, so that concurrent local runs (two test
-# sessions, a benchmark and a test) queue instead of colliding on its ports.
-LOCAL_SUPERLINK_LOCK = FileLock(Path(tempfile.gettempdir()) / "fedlora-local-superlink.lock")
+# Simulations hold this file shared, so any number run at once; a benchmark's timed runs hold it exclusively, so
+# no fedlora simulation competes with them for the CPU (simulations/bench_scale.py). Older checkouts take it
+# exclusively around every run, which keeps them and these runs apart.
+MACHINE_LOCK = Path(tempfile.gettempdir()) / "fedlora-local-superlink.lock"
+# One lock file per port a local SuperLink of ours is about to bind or holds.
+PORT_LOCKS = Path(tempfile.gettempdir()) / "fedlora-ports"
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
@@ -40,6 +48,65 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
     }
+
+
+@contextmanager
+def machine_lock(exclusive: bool = False) -> Iterator[None]:
+    """Hold :data:`MACHINE_LOCK`: shared for a simulation, exclusive for a benchmark's timed runs."""
+    with open(MACHINE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield  # closing the file releases the lock
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def reserved_ports(count: int) -> Iterator[list[int]]:
+    """``count`` distinct free ports, each locked (:data:`PORT_LOCKS`) until the block ends.
+
+    A port that is free now can be picked by another fedlora run before our
+    SuperLink binds it; whoever locks it first keeps it, the other picks again.
+    """
+    PORT_LOCKS.mkdir(exist_ok=True)
+    with ExitStack() as held:
+        ports: list[int] = []
+        while len(ports) < count:
+            port = free_port()
+            try:  # a port we already hold fails here too: flock is per open file
+                held.enter_context(FileLock(PORT_LOCKS / f"{port}.lock", timeout=0))
+            except Timeout:
+                continue
+            ports.append(port)
+        yield ports
+
+
+@contextmanager
+def local_superlink(flwr_home: Path) -> Iterator[dict[str, str]]:
+    """The environment for ``flwr run`` with a local SuperLink of its own; that SuperLink is stopped on exit.
+
+    ``flwr run`` starts its local SuperLink on the ports in ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` and
+    ``FLWR_LOCAL_CONTROL_API_PORT`` (39091 and 39093 unless set, where two runs would collide). Only what
+    collides is locked: those ports, and the Flower home, whose database and SuperLink (found by its path)
+    one run at a time may own. A SuperLink a crashed run of this home left behind is stopped first.
+    """
+    flwr_home = flwr_home.resolve()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    with FileLock(flwr_home / "fedlora-run.lock"), reserved_ports(2) as (http_port, control_port):
+        stop_superlink(flwr_home)
+        env = {
+            **flwr_env(flwr_home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        }
+        try:
+            yield env
+        finally:
+            stop_superlink(flwr_home)
 
 
 def _process_table() -> dict[int, tuple[int, str]]:
@@ -72,7 +139,7 @@ def superlink_pids(flwr_home: Path | None = None) -> list[int]:
     With ``flwr_home``, only the SuperLink keeping its state there. The simulation
     process and its Ray workers are included: they outlive a SuperLink stopped alone.
     """
-    marker = str(flwr_home / "local-superlink") if flwr_home else ""
+    marker = f" {flwr_home.resolve() / 'local-superlink'}/" if flwr_home else ""  # its --log-file argument
     links = [pid for pid, (_, cmd) in _process_table().items() if "bin/flower-superlink" in cmd and marker in cmd]
     return process_tree(links)
 
@@ -136,26 +203,17 @@ def flwr_run(
     capture: bool = False,
     federation_config: str = "",
 ) -> subprocess.CompletedProcess[str]:
-    """``flwr run . --stream`` with ``run_config`` overrides; the SuperLink is stopped afterwards."""
-    flwr_home = flwr_home or ROOT / ".flwr"
-    with LOCAL_SUPERLINK_LOCK:
-        if foreign := sorted(set(superlink_pids()) - set(superlink_pids(flwr_home))):
-            raise RuntimeError(
-                f"another local Flower SuperLink is running (PID {', '.join(map(str, foreign))}) and holds the "
-                "ports `flwr run` uses; stop it first (kill PID)"
-            )
-        try:
-            return subprocess.run(
-                flwr_command(run_config, num_supernodes, federation_config),
-                env=flwr_env(flwr_home),
-                cwd=ROOT,
-                timeout=timeout,
-                text=True,
-                capture_output=capture,
-                check=False,
-            )
-        finally:
-            stop_superlink(flwr_home)
+    """``flwr run . --stream`` with ``run_config`` overrides on its own local SuperLink, stopped afterwards."""
+    with machine_lock(), local_superlink(flwr_home or ROOT / ".flwr") as env:
+        return subprocess.run(
+            flwr_command(run_config, num_supernodes, federation_config),
+            env=env,
+            cwd=ROOT,
+            timeout=timeout,
+            text=True,
+            capture_output=capture,
+            check=False,
+        )
 
 
 def run_and_read(overrides: dict[str, object], clients: int) -> tuple[list[dict], float]:

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Set up on a fresh machine, then lint and run the whole test suite (CPU only, about 23 minutes on 2 cores
-# once set up). Extra arguments go to pytest, e.g. `bash tests/run.sh -k aggregation`.
+# Set up on a fresh machine, then lint and run the whole test suite (what CI runs) on two pytest-xdist workers:
+# the end-to-end runs spend much of their time starting processes and polling, so two overlap well on 2 cores
+# (each `flwr run` gets its own SuperLink ports, see simulations/run.py). Extra arguments go to pytest:
+#   bash tests/run.sh -m "not slow"    # the fast tier for day-to-day work: unit tests only, well under 3 minutes
+#   bash tests/run.sh -m e2e           # only what runs `flwr run`, a deployment or another process
+#   bash tests/run.sh -n 0 -k wire     # one process, selected tests
+# Markers (pyproject.toml): `e2e`, and `slow` for anything over about 10 seconds on 2 cores.
+# Measured 2026-11-26 on 2 cores shared with other test runs (load average 4-11, median 7.6): everything, 26 min
+# (167 tests; their durations sum to 51 min, so both workers were busy throughout); fast tier, 57 s at load 2-3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n 2 --dist worksteal "$@"

@@ -18,6 +18,8 @@ from fedlora.wire import record_nbytes, to_record
 from simulations.deploy_local import LocalDeployment
 from simulations.run import run_config_arg
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # SuperLink and SuperNode processes
+
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> LocalDeployment:

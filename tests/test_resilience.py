@@ -25,15 +25,7 @@ from test_strategies import FakeGrid, configured, lora_state
 from fedlora.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.report import write_folder
 from fedlora.wire import from_record, to_record
-from simulations.run import (
-    flwr_command,
-    flwr_env,
-    process_tree,
-    run_config_arg,
-    stop_processes,
-    stop_superlink,
-    superlink_pids,
-)
+from simulations.run import flwr_command, local_superlink, process_tree, run_config_arg, stop_processes, superlink_pids
 from strategies import FedAvgFactors
 
 
@@ -147,27 +139,26 @@ def test_server_killed_mid_run_resumes_to_the_same_adapter(tmp_path: Path, tiny_
     # The same run, its server SIGKILLed while round 2 trains.
     run_dir, flwr_home = tmp_path / "interrupted", tmp_path / "interrupted" / "flwr"
     killed = {**overrides, "output-dir": str(run_dir / "out")}
-    process = subprocess.Popen(
-        flwr_command(run_config_arg(killed), 3),
-        env=flwr_env(flwr_home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_round(run_dir / "out" / "checkpoint", 1)
-        simulation = [
-            pid for pid in superlink_pids(flwr_home) if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
-        assert simulation, "no simulation process to kill"
-        tree = process_tree(simulation)  # the ServerApp's process and its Ray workers
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        stop_processes(tree, timeout=5)
-    finally:
-        process.kill()
-        process.wait()
-        stop_superlink(flwr_home)
+    with local_superlink(flwr_home) as env:
+        process = subprocess.Popen(
+            flwr_command(run_config_arg(killed), 3), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_round(run_dir / "out" / "checkpoint", 1)
+            simulation = [
+                pid
+                for pid in superlink_pids(flwr_home)
+                if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
+            assert simulation, "no simulation process to kill"
+            tree = process_tree(simulation)  # the ServerApp's process and its Ray workers
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stop_processes(tree, timeout=5)
+        finally:
+            process.kill()
+            process.wait()
     checkpoint = load_checkpoint(run_dir / "out" / "checkpoint")
     assert 1 <= checkpoint.server_round < 3
 

@@ -18,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from client_app.app import train
 from fedlora import runtime, store
 from fedlora.adapter import adapter_state
-from fedlora.config import from_run_config
+from fedlora.config import default_run_config, from_run_config
 from fedlora.wire import from_record, to_record
-from server_app.app import ProgressGrid, summary_table
+from server_app.app import ProgressGrid, configuration_line, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -70,6 +70,7 @@ def differ(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("flower_identity")
 def test_the_base_is_loaded_once_for_many_clients_of_a_worker() -> None:
     arrays = global_adapter(BASE)
@@ -84,6 +85,7 @@ def test_the_base_is_loaded_once_for_many_clients_of_a_worker() -> None:
     assert runtime.stats["base-loads"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("flower_identity")
 def test_no_client_state_leaks_into_another_clients_training() -> None:
     arrays = global_adapter(BASE)
@@ -125,6 +127,8 @@ client_train(overrides, global_adapter(overrides), 0, server_round=1)
 """
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.usefixtures("flower_identity")
 def test_optimizer_state_in_the_client_store_survives_a_worker_restart(tmp_path: Path) -> None:
     overrides = {**BASE, "train.keep-optimizer-state": True, "store-dir": str(tmp_path / "store")}
@@ -260,3 +264,9 @@ def test_summary_table_has_a_row_per_round() -> None:
     assert len(lines) == 4
     assert "| 1 | 4/5 | 2.5 | 0.9000 | 0.5000 | 0.8000 | 1.20 | 2.40 |" == lines[3]
     assert lines[2].startswith("| 0 |  | 1.0 |")  # the initial evaluation: no clients, no training
+
+
+def test_configuration_line_has_the_headline_and_every_changed_key() -> None:
+    line = configuration_line({**default_run_config(), "train.lr": 0.01})
+    assert "model.name='smollm2'" in line and "num-server-rounds=3" in line and "train.lr=0.01" in line
+    assert "train.batch-size" not in line  # at its default

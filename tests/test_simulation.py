@@ -15,6 +15,8 @@ from fedlora.config import from_run_config
 from fedlora.wire import to_record
 from simulations.run import ROOT
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test here runs `flwr run`
+
 
 def test_minilm_classification_fedavg_factors(tmp_path: Path) -> None:
     overrides, rounds = simulate(
