@@ -123,14 +123,17 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     train_alone(clients[0], time.monotonic())  # warm-up: lazy initialisation, kernels, allocator
     train_together({c: clients[c] for c in range(2)}, time.monotonic())
-    rows = [{"k": "baseline", **timed(alone)}]
-    print(f"[{name}] baseline: {rows[0]}", flush=True)
+    rows = [{"k": "baseline, before", **timed(alone)}]
+    print(f"[{name}] {rows[-1]}", flush=True)
     for size in args.sizes:
         rows.append({"k": size, **timed(cohorts(size))})
-        print(f"[{name}] K={size}: {rows[-1]}", flush=True)
+        print(f"[{name}] {rows[-1]}", flush=True)
+    rows.append({"k": "baseline, after", **timed(alone)})  # before and after: drift of a shared machine shows
+    print(f"[{name}] {rows[-1]}", flush=True)
+    baseline = args.clients / ((rows[0]["seconds"] + rows[-1]["seconds"]) / 2)
     for row in rows:
         row["updates-per-s"] = args.clients / row["seconds"]
-        row["speed-up"] = row["updates-per-s"] / rows[0]["updates-per-s"]
+        row["speed-up"] = row["updates-per-s"] / baseline
     trainable = sum(t.numel() for t in bench.initial.values())
     return {"overrides": overrides, "trainable-params": trainable, "rows": rows}
 
@@ -147,7 +150,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"The same {setup['clients']} virtual clients, {setup['steps']} local steps each of batch "
         f"{setup['batch_size']} × ≤{setup['max_length']} tokens, trained on one worker: one after another "
-        "(baseline, what a worker does without cohorts) and in cohorts of K (one batched pass per step). "
+        "(baseline, what a worker does without cohorts; run before and after the cohorts, speed-ups are against "
+        "their mean) and in cohorts of K (one batched pass per step). "
         "Peak memory: " + ("the CUDA allocator's peak." if results["device"].startswith("cuda") else
                            "the process's peak RSS (base model, data and Python included)."),
         "",
@@ -179,9 +183,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, model in results["models"].items():
-        rows = [r for r in model["rows"] if r["k"] != "baseline"]
+        rows = [r for r in model["rows"] if isinstance(r["k"], int)]
         line = ax.plot([r["k"] for r in rows], [r["updates-per-s"] for r in rows], marker="o", label=f"{name}, cohorts")
-        ax.axhline(model["rows"][0]["updates-per-s"], ls="--", color=line[0].get_color(), label=f"{name}, baseline")
+        baseline = [r["updates-per-s"] for r in model["rows"] if not isinstance(r["k"], int)]
+        ax.axhline(sum(baseline) / len(baseline), ls="--", color=line[0].get_color(), label=f"{name}, baseline")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("cohort size K")

@@ -32,7 +32,7 @@ from fedlora import runtime
 from fedlora.adapter import adapter_state, resize_state
 from fedlora.cohort import protocol, sequential_reason
 from fedlora.cohort.stacked import StackedAdapter
-from fedlora.cohort.train import client_losses, merge_batches
+from fedlora.cohort.train import client_losses, cohort_losses, merge_batches
 from fedlora.config import ConfigError, client_rank, from_run_config
 from fedlora.models import load_tokenizer, model_dir
 from fedlora.wire import from_record, to_record
@@ -118,20 +118,20 @@ def bert_run(tiny_bert: Path, **extra: object) -> dict:
     }
 
 
-def sent_to(overrides: dict, client: int) -> dict[str, torch.Tensor]:
-    """The adapter a client of ``client``'s rank gets: the run's initial adapter, cut to that rank."""
+def sent_to(overrides: dict, client: int, keep: Callable[[str], bool] = bool) -> dict[str, torch.Tensor]:
+    """The adapter a client of ``client``'s rank gets: the run's initial adapter cut to that rank, the ``keep`` keys."""
     cfg = from_run_config(overrides)
-    return resize_state(runtime.workbench(cfg).initial, client_rank(cfg, client))
+    return {k: v for k, v in resize_state(runtime.workbench(cfg).initial, client_rank(cfg, client)).items() if keep(k)}
 
 
 def context(overrides: dict, node_config: dict) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=overrides)
 
 
-def alone(overrides: dict, client: int, server_round: int = 1) -> dict[str, torch.Tensor]:
+def alone(overrides: dict, client: int, keep: Callable[[str], bool] = bool) -> dict[str, torch.Tensor]:
     """``client`` trained in a message of its own, as a node with its partition."""
     content = RecordDict(
-        {"arrays": to_record(sent_to(overrides, client)), "config": ConfigRecord({"server-round": server_round})}
+        {"arrays": to_record(sent_to(overrides, client, keep)), "config": ConfigRecord({"server-round": 1})}
     )
     msg = Message(content=content, dst_node_id=1, message_type="train")
     reply = train(msg, context(overrides, {"partition-id": client, "num-partitions": CLIENTS}))
@@ -139,13 +139,14 @@ def alone(overrides: dict, client: int, server_round: int = 1) -> dict[str, torc
     return from_record(reply.content["arrays"])
 
 
-def together(overrides: dict, clients: list[int], server_round: int = 1) -> dict[int, RecordDict | str]:
+def together(overrides: dict, clients: list[int], keep: Callable[[str], bool] = bool) -> dict[int, RecordDict | str]:
     """``clients`` trained in one cohort message to a worker; each one's part of the reply."""
     adapters: dict[int, ArrayRecord] = {}
     for client in clients:  # one adapter per distinct rank, as the server sends them
-        adapters.setdefault(client_rank(from_run_config(overrides), client), to_record(sent_to(overrides, client)))
+        rank = client_rank(from_run_config(overrides), client)
+        adapters.setdefault(rank, to_record(sent_to(overrides, client, keep)))
     ranks = list(adapters)
-    config = ConfigRecord({"server-round": server_round})
+    config = ConfigRecord({"server-round": 1})
     content = protocol.instruction(
         config,
         clients,
@@ -226,6 +227,22 @@ def test_classification_heads_are_per_client(tiny_bert: Path) -> None:
         assert_same_update(cohort, alone(overrides, client), sent_to(overrides, client))
 
 
+@pytest.mark.usefixtures("flower_identity")
+def test_local_tensors_train_in_the_cohort_and_stay_in_each_clients_store(tiny_llama: Path, tmp_path: Path) -> None:
+    shared_a = lambda key: ".lora_A." in key  # noqa: E731  # FedSA: A travels, B stays on the client
+    batched = llama_run(tiny_llama, **SGD, **{"store-dir": str(tmp_path / "batched")})
+    solo = {**batched, "store-dir": str(tmp_path / "solo")}
+    parts = together(batched, [1, 2, 3], keep=shared_a)
+    for client in (1, 2, 3):
+        reply = from_record(parts[client]["arrays"])
+        assert reply and all(shared_a(k) for k in reply)
+        assert_same_update(reply, alone(solo, client, keep=shared_a), sent_to(solo, client, shared_a))
+        kept = [runtime.client_store(from_run_config(o), "local").load(f"partition-{client}") for o in (batched, solo)]
+        assert kept[0] and kept[0].keys() == kept[1].keys() and all(".lora_B." in k for k in kept[0])
+        b_start = sent_to(solo, client, lambda key: ".lora_B." in key)
+        assert_same_update(kept[0], kept[1], b_start)  # B trained in the cohort as alone, kept on disk
+
+
 def test_one_clients_samples_never_reach_another_clients_tensors(tiny_llama: Path) -> None:
     cfg = from_run_config(llama_run(tiny_llama))
     bench = runtime.workbench(cfg)
@@ -236,13 +253,27 @@ def test_one_clients_samples_never_reach_another_clients_tensors(tiny_llama: Pat
     batch, real = merge_batches(batches, bench.tokenizer.pad_token_id)
     labels = batch.pop("labels")
     with stacked.applied():
-        losses = client_losses(bench.model(**batch).logits, labels, real, 3, bench.task)
+        losses = cohort_losses(bench.model, batch, labels, real, 3, bench.task)
     losses[1].backward()  # client 1's loss only
     for name, param in stacked.params.items():
         assert param.grad[1].abs().sum() > 0, name
         assert torch.equal(param.grad[0], torch.zeros_like(param.grad[0])), name
         assert torch.equal(param.grad[2], torch.zeros_like(param.grad[2])), name
     assert all(p.grad is None for p in bench.model.parameters()), "the model's own adapter must not be used"
+
+
+def test_answer_only_logits_give_the_loss_of_full_logits(tiny_llama: Path) -> None:
+    cfg = from_run_config(llama_run(tiny_llama))
+    bench = runtime.workbench(cfg)
+    batches = [next(iter(bench.loader(runtime.client_sets(cfg, c, CLIENTS)[0], 3, seed=c))) for c in range(4)]
+    batch, real = merge_batches(batches, bench.tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    stacked = StackedAdapter(bench.model, [bench.initial] * 4)
+    with stacked.applied(), torch.no_grad():
+        full = client_losses(bench.model(**batch).logits, labels, real, 4, bench.task)
+        answers = cohort_losses(bench.model, batch, labels, real, 4, bench.task)
+    torch.testing.assert_close(answers, full, rtol=1e-5, atol=1e-6)
+    assert (full > 0).all()
 
 
 def test_the_model_is_left_as_it_was(tiny_llama: Path) -> None:

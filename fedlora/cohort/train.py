@@ -101,6 +101,37 @@ def client_losses(logits: Tensor, labels: Tensor, real: Tensor, clients: int, ta
     return sums / weight.reshape(clients, -1).sum(1).clamp(min=1)
 
 
+def _answer_logits_only(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's logits are its output layer applied to the last hidden state, nothing more."""
+    base = model.get_base_model()
+    post = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")  # Gemma 2, Cohere, Granite
+    return base.get_output_embeddings() is not None and not any(getattr(base.config, k, None) for k in post)
+
+
+def cohort_losses(
+    model: torch.nn.Module, batch: dict[str, Tensor], labels: Tensor, real: Tensor, clients: int, task: str
+) -> Tensor:
+    """Each client's mean loss on a client-major batch, shape (K,).
+
+    For a causal LM the vocabulary projection runs only where a label is (the
+    answer tokens of real rows): on short answers after long prompts and
+    padding, most of a batch's logits, the largest tensors of a step, are never
+    computed. The loss is the same as from full logits.
+    """
+    if task == CLASSIFICATION or not _answer_logits_only(model):
+        return client_losses(model(**batch).logits, labels, real, clients, task)
+    base = model.get_base_model()
+    hidden = base.get_decoder()(**batch, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE_INDEX) & real[:, None]
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    per_token = F.cross_entropy(logits, targets[keep], reduction="none")
+    owner = (torch.arange(len(labels), device=labels.device) // (len(labels) // clients))[:, None]
+    owner = owner.expand_as(targets)[keep]
+    sums = torch.zeros(clients, dtype=per_token.dtype, device=per_token.device).index_add(0, owner, per_token)
+    return sums / torch.bincount(owner, minlength=clients).clamp(min=1)
+
+
 def clip_per_client(params: list[Tensor], max_norm: float, clients: int) -> None:
     """``torch.nn.utils.clip_grad_norm_`` applied to each client's slice of the gradients separately."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -145,8 +176,7 @@ def train_cohort(
             batch, real = {k: v.to(device) for k, v in batch.items()}, real.to(device)
             labels = batch.pop("labels")
             with precision_context(precision, device):
-                logits = model(**batch).logits
-            losses = client_losses(logits, labels, real, clients, task)
+                losses = cohort_losses(model, batch, labels, real, clients, task)
             finite = torch.isfinite(losses)
             losses.where(finite, 0.0).sum().backward()
             if max_grad_norm > 0:
