@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
-from fedlora.aggregation import LORA_E
+from fedlora.keys import NUM_EXAMPLES, is_lora_a, is_lora_b, is_lora_e
 
 NPY_HEADER_BYTES = 1024  # a NumPy array's header on the wire: 128 bytes for adapter shapes, with room to spare
 
@@ -41,7 +41,7 @@ MAX_EXAMPLES = 2**53
 """Largest ``num-examples`` accepted: every integer up to it is exact in a float, and a sum of many stays finite."""
 
 
-def check_weight(value: object, key: str = "num-examples") -> float:
+def check_weight(value: object, key: str = NUM_EXAMPLES) -> float:
     """An aggregation weight reported by a client: an integer in 1..:data:`MAX_EXAMPLES` (an integral float counts).
 
     Why an integer with a bound: a weight is a count of examples, and two
@@ -79,7 +79,7 @@ def rank_masks(state: Mapping[str, Tensor], pattern: Mapping[str, object]) -> di
     with one flag per index, and a pruned index must have a zero singular value:
     otherwise the reply's pattern and tensors disagree and it is rejected.
     """
-    e_keys = [k for k in state if LORA_E in k]
+    e_keys = [k for k in state if is_lora_e(k)]
     if not pattern:
         return {k: torch.ones(state[k].numel(), dtype=torch.bool) for k in e_keys}
     if sorted(pattern) != sorted(e_keys):
@@ -113,7 +113,7 @@ def _check_keys(found: Iterable[str], reference: Iterable[str]) -> None:
 
 def _rank_hint(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
     """For a LoRA factor whose other dimension is right: the rank it has and the rank it was sent."""
-    axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+    axis = 0 if is_lora_a(key) else 1 if is_lora_b(key) else None
     if axis is None or len(shape) != 2 or len(expected) != 2 or shape[1 - axis] != expected[1 - axis]:
         return ""
     return f" (rank {shape[axis]}, but it was sent rank {expected[axis]})"
