@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord
 from torch import Tensor
 
 from fedlora.keys import NUM_EXAMPLES, is_lora_a, is_lora_b, is_lora_e
+from fedlora.wire import manifest_json
 
 NPY_HEADER_BYTES = 1024  # a NumPy array's header on the wire: 128 bytes for adapter shapes, with room to spare
 
@@ -59,16 +60,19 @@ def check_weight(value: object, key: str = NUM_EXAMPLES) -> float:
 
 
 def check_record_size(record: ArrayRecord, reference: Mapping[str, Tensor]) -> None:
-    """Before anything is decoded: ``record`` has ``reference``'s keys and no more bytes than they take in float32.
+    """Before anything is decoded: ``record`` takes no more bytes than ``reference`` packed in float32 can.
 
     A reply is refused by its byte count, so a client cannot make the server
-    materialise an array larger than the adapter it was sent.
+    materialise more than the adapter it was sent. The bound counts every array
+    of the record (a packed record has two, :mod:`fedlora.wire`): ``reference``'s
+    values in float32, its manifest uncompressed (compressed, the manifest of the
+    same names is smaller) and two NumPy headers. What the arrays hold is checked
+    when they are decoded.
     """
-    _check_keys(record, reference)
-    for key, array in record.items():
-        limit = reference[key].numel() * 4 + NPY_HEADER_BYTES
-        if len(array.data) > limit:
-            raise InvalidUpdate(f"tensor '{key}' is {len(array.data)} bytes, more than the {limit} it can take")
+    size = sum(len(array.data) for array in record.values())
+    limit = 4 * sum(t.numel() for t in reference.values()) + len(manifest_json(reference)) + 2 * NPY_HEADER_BYTES
+    if size > limit:
+        raise InvalidUpdate(f"the reply's arrays are {size} bytes, more than the {limit} the adapter sent can take")
 
 
 def rank_masks(state: Mapping[str, Tensor], pattern: Mapping[str, object]) -> dict[str, Tensor]:

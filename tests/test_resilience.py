@@ -24,7 +24,7 @@ from test_strategies import FakeGrid, configured, lora_state
 
 from fedlora.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.report import write_folder
-from fedlora.wire import from_record, to_record
+from fedlora.wire import PAYLOAD, from_record, to_record
 from simulations.run import flwr_command, local_superlink, process_tree, run_config_arg, stop_processes, superlink_pids
 from strategies import FedAvgFactors
 
@@ -42,7 +42,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
     loaded = load_checkpoint(tmp_path / "checkpoint")
     assert loaded is not None and loaded.server_round == 2
     assert loaded.round_log == checkpoint.round_log and loaded.metrics == checkpoint.metrics
-    assert {k: a.dtype for k, a in loaded.arrays.items()} == {"x": "float16", "y": "float16"}
+    saved = load_file(tmp_path / "checkpoint" / "adapter.safetensors")  # one tensor per key, in the wire dtype
+    assert {k: t.dtype for k, t in saved.items()} == {"x": torch.float16, "y": torch.float16}
+    assert loaded.arrays[PAYLOAD].dtype == "float16"
     for key, tensor in from_record(arrays).items():
         assert torch.equal(from_record(loaded.arrays)[key], tensor)
     restore_rng(loaded)
