@@ -51,16 +51,8 @@ from fedlora.adapter import (
 )
 from fedlora.cohort import protocol, sequential_reason
 from fedlora.cohort.train import CohortMember, train_cohort
-from fedlora.config import (
-    RANK_KEY,
-    TASK_KEY,
-    RunConfig,
-    client_rank,
-    client_task,
-    for_task,
-    from_run_config,
-    task_names,
-)
+from fedlora.config import RunConfig, client_rank, client_task, for_task, from_run_config, task_names
+from fedlora.keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PROFILE, RANK_KEY, RANK_PATTERN, SERVER_ROUND, TASK_KEY
 from fedlora.training import evaluate, round_lr, train_steps
 from fedlora.wire import from_record, to_record
 
@@ -171,10 +163,10 @@ def _reply_content(got: Received, trained: dict[str, Tensor], loss: float, setup
     if local := {k: v for k, v in trained.items() if k not in got.sent}:
         runtime.save_local_tensors(got.cfg, got.node_config, got.server_round, local)
     reply = resize_like({k: trained[k] for k in got.sent}, got.sent)
-    metrics = {"num-examples": len(got.train_set), "train-loss": loss, "setup-s": setup_s}
-    content = RecordDict({"arrays": to_record(reply, got.cfg.wire.dtype), "metrics": MetricRecord(metrics)})
+    metrics = {NUM_EXAMPLES: len(got.train_set), "train-loss": loss, "setup-s": setup_s}
+    content = RecordDict({ARRAYS: to_record(reply, got.cfg.wire.dtype), METRICS: MetricRecord(metrics)})
     if pattern := got.bench.method.rank_pattern(got.bench.model):
-        content["rank-pattern"] = ConfigRecord(pattern)
+        content[RANK_PATTERN] = ConfigRecord(pattern)
     return content
 
 
@@ -239,7 +231,7 @@ def train_together(members: dict[int, Received], started: float) -> dict[int, Re
 def _cohort(msg: Message, context: Context) -> tuple[dict[int, Received], dict[int, str]]:
     """Each virtual client of a cohort message, unpacked; those that cannot even start, with the reason."""
     cfg = from_run_config(context.run_config)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content[CONFIG][SERVER_ROUND])
     members: dict[int, Received] = {}
     failed: dict[int, str] = {}
     for client, arrays in protocol.read_instruction(msg.content):
@@ -286,7 +278,7 @@ def _train_cohort(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's profile query: this node's LoRA rank and task."""
     rank, task = _profile(from_run_config(context.run_config), context.node_config)
-    return Message(content=RecordDict({"profile": ConfigRecord({RANK_KEY: rank, TASK_KEY: task})}), reply_to=msg)
+    return Message(content=RecordDict({PROFILE: ConfigRecord({RANK_KEY: rank, TASK_KEY: task})}), reply_to=msg)
 
 
 def _single(msg: Message, context: Context) -> Received:
@@ -294,8 +286,8 @@ def _single(msg: Message, context: Context) -> Received:
     return receive(
         from_run_config(context.run_config),
         context.node_config,
-        msg.content["arrays"],
-        int(msg.content["config"]["server-round"]),
+        msg.content[ARRAYS],
+        int(msg.content[CONFIG][SERVER_ROUND]),
         msg.metadata.message_type,
     )
 
@@ -312,7 +304,7 @@ def train(msg: Message, context: Context) -> Message:
 def _evaluate(got: Received) -> RecordDict:
     got.load()
     metrics = evaluate(got.bench.model, got.loader(train=False), got.bench.task)
-    return RecordDict({"metrics": MetricRecord(metrics)})
+    return RecordDict({METRICS: MetricRecord(metrics)})
 
 
 @app.evaluate()

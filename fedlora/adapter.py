@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from fedlora.aggregation import LORA_A, LORA_B, lora_pairs, resize_rank
+from fedlora.aggregation import resize_rank
 from fedlora.config import RunConfig
+from fedlora.keys import LORA_A, LORA_B, RESIDUAL_A, RESIDUAL_B, is_residual, lora_pairs, module_of
 from fedlora.methods import get_method
 from fedlora.validation import InvalidUpdate, check_state
 
-RESIDUAL_A, RESIDUAL_B = ".residual_A", ".residual_B"
 _MERGED = "_fedlora_residual"  # model attribute: the residual now added to the base weights
 
 
@@ -87,7 +87,7 @@ def resize_like(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
 
 def split_residual(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
     """``state`` as (trainable tensors, residual ``module -> (B, A)``)."""
-    trainable = {k: v for k, v in state.items() if not k.endswith((RESIDUAL_A, RESIDUAL_B))}
+    trainable = {k: v for k, v in state.items() if not is_residual(k)}
     residual = {}
     for key in state:
         if key.endswith(RESIDUAL_A):
@@ -181,7 +181,7 @@ def save_adapter_files(model: PeftModel, folder: Path, adapters: list[str] | Non
     saved = get_peft_model_state_dict(model)
     stacked = {}
     for a_key, _ in lora_pairs(_trainable(model)).values():
-        module = a_key.split(LORA_A)[0]
+        module = module_of(a_key)
         scaling = modules[module].scaling[adapter]
         b, a = (
             modules[module].lora_B[adapter].weight.detach().cpu(),

@@ -20,18 +20,17 @@ every rank. Stacking
 (:func:`stack_factors`) is exact for any mix of ranks; AdaLoRA's triplets are
 merged index by index over the clients that kept that index
 (:func:`masked_average`), and cut to a global budget (:func:`budget_masks`).
+Which tensors form a LoRA layer is read from their keys (:func:`fedlora.keys.lora_pairs`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-LORA_A, LORA_B, LORA_E = ".lora_A.", ".lora_B.", ".lora_E."
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:
@@ -61,26 +60,6 @@ def average_states(
     """Key-wise weighted average of state dicts (all of ``keys``, default the first state's keys)."""
     keys = list(states[0]) if keys is None else keys
     return {key: weighted_average([s[key] for s in states], weights) for key in keys}
-
-
-def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """Map each LoRA layer whose two factors are both present to its ``(A key, B key)``.
-
-    ``….q_proj.lora_A.default.weight`` pairs with ``….q_proj.lora_B.default.weight``
-    under the layer ``….q_proj.default``. A lone factor (LoRA-FA sends only B)
-    is not a pair: it is averaged like any other tensor, which for a shared,
-    frozen A is the exact average of the products. Nor is an AdaLoRA triplet
-    (``lora_E`` between the factors: the update is B·diag(E)·A).
-    """
-    keys = set(keys)
-    pairs = {}
-    for a_key in sorted(k for k in keys if LORA_A in k):
-        b_key = a_key.replace(LORA_A, LORA_B)
-        if b_key in keys and a_key.replace(LORA_A, LORA_E) not in keys:
-            module, suffix = a_key.split(LORA_A, 1)
-            adapter = suffix.removesuffix("weight").rstrip(".")
-            pairs[f"{module}.{adapter}" if adapter else module] = (a_key, b_key)
-    return pairs
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 After every round the server replaces ``<output-dir>/checkpoint/`` atomically
 (:func:`fedlora.report.write_folder`, files and folder fsynced) with the global
-adapter exactly as it was sent (``adapter.safetensors``, in the wire dtype) and
+adapter exactly as it was sent (``adapter.safetensors``: one tensor per key, in
+the wire dtype, unpacked from the wire's packed record so the file stays
+readable with any safetensors tool) and
 ``state.json``: the round, the strategy's per-round log, the metrics so far, the
 state of Python's ``random`` (which Flower's node sampling uses), the run's
 :func:`fingerprint`, the adapter's shapes and a SHA-256 digest of all of it. The
@@ -27,7 +29,8 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord
+import torch
+from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from safetensors.numpy import load_file, save_file
 from torch import Tensor
@@ -36,7 +39,7 @@ from fedlora.adapter import split_residual
 from fedlora.config import RunConfig
 from fedlora.report import write_folder
 from fedlora.validation import InvalidUpdate, check_state
-from fedlora.wire import from_record
+from fedlora.wire import WIRE_DTYPES, from_record, to_record, unpack
 
 FINGERPRINT_SECTIONS = (
     *("model", "data", "adapter", "qlora", "adalora", "mtlora", "loraplus", "prompt", "strategy", "train", "wire"),
@@ -81,17 +84,18 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
     """Replace ``folder`` with ``checkpoint`` (never half-written; the previous one is kept as ``folder.old``)."""
+    tensors = unpack(checkpoint.arrays)
     state = {
         "round": checkpoint.server_round,
         "round-log": {str(k): v for k, v in checkpoint.round_log.items()},
         "metrics": checkpoint.metrics,
         "python-random": list(checkpoint.rng),
         "fingerprint": checkpoint.fingerprint,
-        "shapes": {k: list(a.shape) for k, a in checkpoint.arrays.items()},
+        "shapes": {k: list(a.shape) for k, a in tensors.items()},
     }
 
     def write(tmp: Path) -> None:
-        save_file({k: v.numpy() for k, v in checkpoint.arrays.items()}, str(tmp / "adapter.safetensors"))
+        save_file(tensors, str(tmp / "adapter.safetensors"))
         digest = _digest((tmp / "adapter.safetensors").read_bytes(), state)
         (tmp / "state.json").write_text(json.dumps({**state, "sha256": digest}) + "\n", encoding="utf-8")
 
@@ -129,10 +133,13 @@ def _read(folder: Path) -> Checkpoint:
         raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
     if digest != _digest(adapter, state):
         raise CheckpointError(f"{path}: its SHA-256 does not match its contents (a torn write or an edit)")
-    arrays = load_file(str(folder / "adapter.safetensors"))
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    dtypes = {t.dtype.name for t in tensors.values()} or {"float32"}
+    if len(dtypes) != 1 or not dtypes <= WIRE_DTYPES.keys():
+        raise CheckpointError(f"{folder / 'adapter.safetensors'} holds {sorted(dtypes)}, not one wire dtype")
     return Checkpoint(
         server_round=server_round,
-        arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        arrays=to_record({k: torch.from_numpy(v) for k, v in tensors.items()}, dtypes.pop()),  # as it was sent
         round_log=round_log,
         metrics=metrics,
         rng=(version, tuple(internal), gauss),

@@ -471,10 +471,6 @@ def _tiers(text: str) -> list[int]:
         raise ConfigError(f"adapter.rank-tiers must be comma-separated integers, got {text!r}") from None
 
 
-RANK_KEY, TASK_KEY = "lora-rank", "task"
-"""A node's LoRA rank and task: its node-config keys and its answers to the server's profile query."""
-
-
 def task_names(cfg: RunConfig) -> list[str]:
     """``data.tasks`` as a list of data-source names."""
     return [t.strip() for t in cfg.data.tasks.split(",") if t.strip()]

@@ -15,6 +15,7 @@ from flwr.common.logger import log
 from peft import PeftModel
 
 from fedlora.adapter import save_adapter_files
+from fedlora.keys import NUM_EXAMPLES
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -64,7 +65,7 @@ class RoundReport:
             parts.append(f"clients {entry['clients']['train-replies']}/{entry['clients']['train-sampled']}")
         if "train-loss" in entry.get("train", {}):
             parts.append(f"train-loss {entry['train']['train-loss']:.4f}")
-        parts += [f"{k} {v:.4f}" for k, v in central.items() if k != "num-examples"]
+        parts += [f"{k} {v:.4f}" for k, v in central.items() if k != NUM_EXAMPLES]
         if "bytes-up" in entry:
             parts.append(f"up {entry['bytes-up'] / 1e6:.2f} MB, down {entry['bytes-down'] / 1e6:.2f} MB")
         return " | ".join(parts)

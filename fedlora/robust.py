@@ -30,6 +30,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from torch import Tensor
 
 from fedlora.config import ROBUST_MODES
+from fedlora.keys import NUM_EXAMPLES
 
 
 def capped_weights(weights: Sequence[float], max_ratio: float) -> list[float]:
@@ -96,7 +97,7 @@ def robust_states(
 
 
 def average_metrics(
-    records: Sequence[Mapping[str, Any]], weights: Sequence[float], skip: str = "num-examples"
+    records: Sequence[Mapping[str, Any]], weights: Sequence[float], skip: str = NUM_EXAMPLES
 ) -> tuple[dict[str, float], list[tuple[int, str]]]:
     """Per key, the weighted average of the finite scalar values (key ``skip`` is the weight itself, left out).
 

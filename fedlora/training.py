@@ -18,6 +18,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from fedlora.config import TrainSettings
+from fedlora.keys import NUM_EXAMPLES
 from fedlora.models import CLASSIFICATION
 
 
@@ -130,7 +131,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str,
         total_count += count
         examples += labels.shape[0]
     loss = total_loss / max(total_count, 1)
-    metrics = {"eval-loss": loss, "num-examples": examples}
+    metrics = {"eval-loss": loss, NUM_EXAMPLES: examples}
     if task == CLASSIFICATION:
         metrics["eval-accuracy"] = correct / max(examples, 1)
     else:

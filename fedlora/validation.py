@@ -14,7 +14,8 @@ import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
-from fedlora.aggregation import LORA_E
+from fedlora.keys import NUM_EXAMPLES, is_lora_a, is_lora_b, is_lora_e
+from fedlora.wire import manifest_json
 
 NPY_HEADER_BYTES = 1024  # a NumPy array's header on the wire: 128 bytes for adapter shapes, with room to spare
 
@@ -41,7 +42,7 @@ MAX_EXAMPLES = 2**53
 """Largest ``num-examples`` accepted: every integer up to it is exact in a float, and a sum of many stays finite."""
 
 
-def check_weight(value: object, key: str = "num-examples") -> float:
+def check_weight(value: object, key: str = NUM_EXAMPLES) -> float:
     """An aggregation weight reported by a client: an integer in 1..:data:`MAX_EXAMPLES` (an integral float counts).
 
     Why an integer with a bound: a weight is a count of examples, and two
@@ -59,16 +60,19 @@ def check_weight(value: object, key: str = "num-examples") -> float:
 
 
 def check_record_size(record: ArrayRecord, reference: Mapping[str, Tensor]) -> None:
-    """Before anything is decoded: ``record`` has ``reference``'s keys and no more bytes than they take in float32.
+    """Before anything is decoded: ``record`` takes no more bytes than ``reference`` packed in float32 can.
 
     A reply is refused by its byte count, so a client cannot make the server
-    materialise an array larger than the adapter it was sent.
+    materialise more than the adapter it was sent. The bound counts every array
+    of the record (a packed record has two, :mod:`fedlora.wire`): ``reference``'s
+    values in float32, its manifest uncompressed (compressed, the manifest of the
+    same names is smaller) and two NumPy headers. What the arrays hold is checked
+    when they are decoded.
     """
-    _check_keys(record, reference)
-    for key, array in record.items():
-        limit = reference[key].numel() * 4 + NPY_HEADER_BYTES
-        if len(array.data) > limit:
-            raise InvalidUpdate(f"tensor '{key}' is {len(array.data)} bytes, more than the {limit} it can take")
+    size = sum(len(array.data) for array in record.values())
+    limit = 4 * sum(t.numel() for t in reference.values()) + len(manifest_json(reference)) + 2 * NPY_HEADER_BYTES
+    if size > limit:
+        raise InvalidUpdate(f"the reply's arrays are {size} bytes, more than the {limit} the adapter sent can take")
 
 
 def rank_masks(state: Mapping[str, Tensor], pattern: Mapping[str, object]) -> dict[str, Tensor]:
@@ -79,7 +83,7 @@ def rank_masks(state: Mapping[str, Tensor], pattern: Mapping[str, object]) -> di
     with one flag per index, and a pruned index must have a zero singular value:
     otherwise the reply's pattern and tensors disagree and it is rejected.
     """
-    e_keys = [k for k in state if LORA_E in k]
+    e_keys = [k for k in state if is_lora_e(k)]
     if not pattern:
         return {k: torch.ones(state[k].numel(), dtype=torch.bool) for k in e_keys}
     if sorted(pattern) != sorted(e_keys):
@@ -113,7 +117,7 @@ def _check_keys(found: Iterable[str], reference: Iterable[str]) -> None:
 
 def _rank_hint(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
     """For a LoRA factor whose other dimension is right: the rank it has and the rank it was sent."""
-    axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+    axis = 0 if is_lora_a(key) else 1 if is_lora_b(key) else None
     if axis is None or len(shape) != 2 or len(expected) != 2 or shape[1 - axis] != expected[1 - axis]:
         return ""
     return f" (rank {shape[axis]}, but it was sent rank {expected[axis]})"

@@ -35,7 +35,7 @@ from fedlora.checkpoint import (
     save_checkpoint,
 )
 from fedlora.config import RunConfig, default_run_config, for_task, from_run_config, task_names
-from fedlora.methods.mtlora import task_adapter, task_state
+from fedlora.keys import NUM_EXAMPLES, SHARED_ADAPTER, task_adapter, task_state
 from fedlora.report import RoundReport, save_adapter
 from fedlora.training import evaluate
 from fedlora.wire import from_record, to_record
@@ -110,7 +110,7 @@ def configuration_line(run_config: dict[str, Any]) -> str:
 
 def summary_table(rounds: list[dict[str, Any]]) -> list[str]:
     """The end-of-run table: one Markdown row per round of ``metrics.json``'s entries."""
-    metrics = sorted({k for r in rounds for k in r.get("server-eval", {}) if k != "num-examples"})
+    metrics = sorted({k for r in rounds for k in r.get("server-eval", {}) if k != NUM_EXAMPLES})
     header = ["round", "clients", "time s", "train loss", *metrics, "MB up", "MB down"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rounds:
@@ -143,10 +143,10 @@ def evaluate_tasks(
 
 def mean_over_tasks(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     """Every metric averaged over the tasks, weighted by their test examples (``num-examples``: the total)."""
-    total = sum(m["num-examples"] for m in per_task.values())
-    keys = set.intersection(*(set(m) for m in per_task.values())) - {"num-examples"}
-    mean = {k: sum(m[k] * m["num-examples"] for m in per_task.values()) / total for k in sorted(keys)}
-    return {**mean, "num-examples": total}
+    total = sum(m[NUM_EXAMPLES] for m in per_task.values())
+    keys = set.intersection(*(set(m) for m in per_task.values())) - {NUM_EXAMPLES}
+    mean = {k: sum(m[k] * m[NUM_EXAMPLES] for m in per_task.values()) / total for k in sorted(keys)}
+    return {**mean, NUM_EXAMPLES: total}
 
 
 @app.main()
@@ -222,7 +222,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     save_adapter(bench.model, output_dir / "adapter")
     log(INFO, "Global adapter saved to %s (load it with peft.PeftModel.from_pretrained)", output_dir / "adapter")
     for task in tasks:  # shared + task-specific, in peft's multi-adapter layout
-        save_adapter(bench.model, output_dir / f"adapter-{task}", ["default", task_adapter(task)])
+        save_adapter(bench.model, output_dir / f"adapter-{task}", [SHARED_ADAPTER, task_adapter(task)])
         log(
             INFO,
             "Task '%s': shared adapter and %s saved to %s",

@@ -20,7 +20,8 @@ from statistics import fmean
 import torch
 from torch import Tensor
 
-from fedlora.aggregation import LORA_A, LORA_B, LORA_E, average_states, budget_masks, masked_average
+from fedlora.aggregation import average_states, budget_masks, masked_average
+from fedlora.keys import LORA_A, LORA_B, LORA_E, RANK_PATTERN, is_lora_e
 from fedlora.validation import rank_masks
 from strategies.base import AdapterStrategy, ClientReply
 
@@ -33,7 +34,7 @@ class AdaLoRAMerge(AdapterStrategy):
     def decode_reply(self, reply: ClientReply) -> tuple[dict[str, Tensor], float]:
         """The reply's tensors plus, per ``lora_E`` tensor, its kept-indices mask under ``<key>#kept``."""
         state, weight = super().decode_reply(reply)
-        pattern = reply.content.config_records.get("rank-pattern") if reply.content else None
+        pattern = reply.content.config_records.get(RANK_PATTERN) if reply.content else None
         masks = rank_masks(state, dict(pattern) if pattern is not None else {})
         return {**state, **{key + KEPT: mask for key, mask in masks.items()}}, weight
 
@@ -41,7 +42,7 @@ class AdaLoRAMerge(AdapterStrategy):
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
     ) -> dict[str, Tensor]:
         """Mask-aware average of every triplet, plain average of everything else, then the budget cut."""
-        e_keys = [k for k in self.global_state if LORA_E in k]
+        e_keys = [k for k in self.global_state if is_lora_e(k)]
         triplet_keys = {k.replace(LORA_E, part) for k in e_keys for part in (LORA_A, LORA_B, LORA_E)}
         new_state = average_states(states, weights, [k for k in self.global_state if k not in triplet_keys])
         for e_key in e_keys:

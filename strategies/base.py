@@ -60,9 +60,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
 from fedlora.adapter import split_residual
-from fedlora.aggregation import LORA_A
 from fedlora.cohort import protocol
-from fedlora.config import RANK_KEY, TASK_KEY, ConfigError, RunConfig, RunSettings, StrategySettings
+from fedlora.config import ConfigError, RunConfig, RunSettings, StrategySettings
+from fedlora.keys import ARRAYS, CONFIG, NUM_EXAMPLES, PROFILE_QUESTION, RANK_KEY, SERVER_ROUND, TASK_KEY, is_lora_a
 from fedlora.robust import average_metrics, capped_weights, robust_states, update_norm
 from fedlora.validation import InvalidUpdate, check_record_size, check_state, check_weight
 from fedlora.wire import from_record, record_nbytes, to_record
@@ -120,7 +120,8 @@ class AdapterStrategy(FedAvg):
         cohorts: Cohorts | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
-        super().__init__(**fedavg_kwargs)
+        # Flower's defaults, named explicitly: the client app reads the same keys (fedlora.keys)
+        super().__init__(arrayrecord_key=ARRAYS, configrecord_key=CONFIG, weighted_by_key=NUM_EXAMPLES, **fedavg_kwargs)
         self.cohorts = cohorts
         self.assigned: dict[int, int] = {}  # with cohorts: virtual client -> the worker node it was sent to
         self.wire_dtype = wire_dtype
@@ -162,7 +163,7 @@ class AdapterStrategy(FedAvg):
     @property
     def global_rank(self) -> int:
         """The largest rank of the global adapter's LoRA layers (0 without any)."""
-        return max((t.shape[0] for k, t in self.global_state.items() if LORA_A in k), default=0)
+        return max((t.shape[0] for k, t in self.global_state.items() if is_lora_a(k)), default=0)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -220,7 +221,7 @@ class AdapterStrategy(FedAvg):
         if self.per_node:
             clients = self._with_virtual_profile(clients)
         workers = sorted(sample_nodes(self._grid, 1, 0)[1])  # waits for the first worker to connect
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
         encode = self._encoder(arrays)
         self.assigned, messages = {}, []
         for number, first in enumerate(range(0, len(clients), self.cohorts.size)):
@@ -277,7 +278,7 @@ class AdapterStrategy(FedAvg):
         """Ask the nodes whose profile is unknown (once per node); drop those this strategy cannot serve."""
         unknown = [n for n in node_ids if n not in self.profiles]
         if unknown and self._grid is not None:
-            query = RecordDict({self.configrecord_key: ConfigRecord({"ask": [RANK_KEY, TASK_KEY]})})
+            query = RecordDict({self.configrecord_key: ConfigRecord({PROFILE_QUESTION: [RANK_KEY, TASK_KEY]})})
             asks = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
             for reply in self._grid.send_and_receive(asks):
                 node = reply.metadata.src_node_id

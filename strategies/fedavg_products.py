@@ -19,7 +19,8 @@ from statistics import mean
 from flwr.common.logger import log
 from torch import Tensor
 
-from fedlora.aggregation import average_states, lora_pairs, product_average
+from fedlora.aggregation import average_states, product_average
+from fedlora.keys import lora_pairs
 from strategies.base import AdapterStrategy
 
 

@@ -13,7 +13,7 @@ evaluation (``fraction-evaluate`` > 0).
 
 from __future__ import annotations
 
-from fedlora.aggregation import LORA_B
+from fedlora.keys import is_lora_b
 from strategies.split import SplitStrategy
 
 
@@ -22,4 +22,4 @@ class FedSA(SplitStrategy):
 
     def scope(self, key: str) -> str:
         """``LOCAL`` for B factors, ``GLOBAL`` for the rest."""
-        return self.LOCAL if LORA_B in key else self.GLOBAL
+        return self.LOCAL if is_lora_b(key) else self.GLOBAL

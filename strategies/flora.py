@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedlora.adapter import RESIDUAL_A, RESIDUAL_B, resize_state, split_residual
-from fedlora.aggregation import LORA_A, average_states, compact, lora_pairs, normalized_weights, stack_factors
+from fedlora.adapter import resize_state, split_residual
+from fedlora.aggregation import average_states, compact, normalized_weights, stack_factors
 from fedlora.config import RunConfig
+from fedlora.keys import RESIDUAL_A, RESIDUAL_B, lora_pairs, module_of
 from strategies.base import AdapterStrategy, NodeProfile
 
 
@@ -77,7 +78,7 @@ class FLoRA(AdapterStrategy):
         coefficients = [self.scaling * p for p in normalized_weights(weights)]
         ranks = []
         for a_key, b_key in pairs.values():
-            module = a_key.split(LORA_A)[0]
+            module = module_of(a_key)
             b, a = stack_factors([s[b_key] for s in states], [s[a_key] for s in states], coefficients)
             if module in residual:
                 b, a = torch.cat([residual[module][0], b], 1), torch.cat([residual[module][1], a], 0)

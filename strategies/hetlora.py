@@ -21,8 +21,9 @@ from typing import Any
 from torch import Tensor
 
 from fedlora.adapter import resize_state
-from fedlora.aggregation import average_states, lora_pairs, product_norm, resize_rank, weighted_average
+from fedlora.aggregation import average_states, product_norm, resize_rank, weighted_average
 from fedlora.config import RunConfig
+from fedlora.keys import lora_pairs
 from fedlora.robust import capped_weights
 from strategies.base import AdapterStrategy, NodeProfile
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedlora.config import RunConfig, task_names
-from fedlora.methods.mtlora import task_of
+from fedlora.keys import task_of
 from fedlora.validation import InvalidUpdate
 from strategies.base import NodeProfile
 from strategies.split import SplitStrategy

@@ -12,7 +12,9 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fedlora.keys import ARRAYS, METRICS, NUM_EXAMPLES
 from fedlora.models import load_tokenizer, model_dir
+from fedlora.wire import MANIFEST, PAYLOAD, to_record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,6 +51,17 @@ def flower_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
+def wire_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    """``state`` packed as a client sends it: in float16 if every array is float16, else in float32."""
+    dtype = "float16" if {np.asarray(v).dtype for v in state.values()} == {np.dtype(np.float16)} else "float32"
+    return to_record({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, dtype)
+
+
+def packed(payload: np.ndarray, manifest: bytes) -> ArrayRecord:
+    """A record in the packed layout with any payload and (compressed or not) manifest bytes: for crafting bad ones."""
+    return ArrayRecord({PAYLOAD: Array(payload), MANIFEST: Array(np.frombuffer(manifest, np.uint8))})
+
+
 def reply(node_id: int, state: dict[str, np.ndarray] | None, num_examples: object = 10, **metrics: float) -> Message:
     """A training reply from ``node_id`` carrying ``state`` (or an error when ``state`` is None)."""
     TaskIdentity.node_id = node_id  # Flower stamps the sender from the process's identity
@@ -58,8 +71,8 @@ def reply(node_id: int, state: dict[str, np.ndarray] | None, num_examples: objec
     else:
         content = RecordDict(
             {
-                "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
-                "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0, **metrics}),
+                ARRAYS: wire_record(state),
+                METRICS: MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": 1.0, **metrics}),
             }
         )
         message = Message(content=content, dst_node_id=0, message_type="train")

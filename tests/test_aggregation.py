@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fedlora.aggregation import average_states, lora_pairs, normalized_weights, product_average, weighted_average
+from fedlora.aggregation import average_states, normalized_weights, product_average, weighted_average
+from fedlora.keys import lora_pairs
 
 
 def random_clients(ranks: list[int], d: int = 24, k: int = 20, seed: int = 0) -> tuple[list, list]:

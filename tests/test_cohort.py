@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from conftest import wire_record
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -345,9 +346,8 @@ def cohort_reply(worker: int, parts: dict[int, dict | str], weights: dict[int, i
         if isinstance(part, str):
             records[client] = part
             continue
-        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in part.items()})
         metrics = MetricRecord({"num-examples": weights[client], "train-loss": 1.0})
-        records[client] = RecordDict({"arrays": arrays, "metrics": metrics})
+        records[client] = RecordDict({"arrays": wire_record(part), "metrics": metrics})
     return Message(content=protocol.reply(records), dst_node_id=0, message_type="train")
 
 

@@ -17,7 +17,7 @@ from fedlora.config import ConfigError, from_run_config, iter_options
 from fedlora.methods import METHODS
 from fedlora.models import load_base_model, model_dir
 from fedlora.training import evaluate
-from fedlora.wire import to_record
+from fedlora.wire import from_record, to_record
 from strategies import FedAvgProducts
 
 TARGETS = {"adapter.target-modules": "q_proj,v_proj,o_proj"}
@@ -69,12 +69,12 @@ def test_every_method_is_covered_and_configurable() -> None:
 @pytest.mark.parametrize("method", sorted(EXPECTED_KINDS))
 def test_message_holds_exactly_the_methods_trainable_tensors(tiny_llama: Path, method: str) -> None:
     model = runtime.workbench(from_run_config(method_config(tiny_llama, method))).model
-    record = to_record(adapter_state(model))
+    message = from_record(to_record(adapter_state(model)))
     params = dict(model.named_parameters())
-    frozen_in_message = [k for k in record if not params[k].requires_grad]
+    frozen_in_message = [k for k in message if not params[k].requires_grad]
     assert not frozen_in_message
-    assert set(record) == {n for n, p in params.items() if p.requires_grad}
-    assert {KIND.search(k).group(1) for k in record} == EXPECTED_KINDS[method]
+    assert set(message) == {n for n, p in params.items() if p.requires_grad}
+    assert {KIND.search(k).group(1) for k in message} == EXPECTED_KINDS[method]
     assert sum(p.numel() for p in params.values() if p.requires_grad) == model.get_nb_trainable_parameters()[0]
 
 

@@ -17,7 +17,7 @@ from test_rank_strategies import RankGrid
 
 from fedlora import runtime
 from fedlora.config import for_task, from_run_config
-from fedlora.methods.mtlora import task_adapter
+from fedlora.keys import task_adapter
 from fedlora.models import model_dir
 from fedlora.training import evaluate
 from fedlora.wire import from_record, to_record

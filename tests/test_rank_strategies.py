@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora import runtime
-from fedlora.adapter import RESIDUAL_A, RESIDUAL_B, adapter_state, load_adapter_state, resize_state
+from fedlora.adapter import adapter_state, load_adapter_state, resize_state
 from fedlora.aggregation import (
     budget_masks,
     compact,
@@ -24,6 +24,7 @@ from fedlora.aggregation import (
     stack_factors,
 )
 from fedlora.config import ConfigError, from_run_config
+from fedlora.keys import RESIDUAL_A, RESIDUAL_B
 from fedlora.training import train_steps, trainable_parameters
 from fedlora.validation import InvalidUpdate
 from fedlora.wire import from_record, to_record

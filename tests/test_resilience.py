@@ -22,9 +22,10 @@ from flwr.app import ConfigRecord
 from safetensors.torch import load_file
 from test_strategies import FakeGrid, configured, lora_state
 
-from fedlora.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from fedlora import checkpoint as checkpoints
+from fedlora.checkpoint import Checkpoint, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.report import write_folder
-from fedlora.wire import from_record, to_record
+from fedlora.wire import PAYLOAD, from_record, to_record
 from simulations.run import flwr_command, local_superlink, process_tree, run_config_arg, stop_processes, superlink_pids
 from strategies import FedAvgFactors
 
@@ -42,11 +43,20 @@ def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
     loaded = load_checkpoint(tmp_path / "checkpoint")
     assert loaded is not None and loaded.server_round == 2
     assert loaded.round_log == checkpoint.round_log and loaded.metrics == checkpoint.metrics
-    assert {k: a.dtype for k, a in loaded.arrays.items()} == {"x": "float16", "y": "float16"}
+    saved = load_file(tmp_path / "checkpoint" / "adapter.safetensors")  # one tensor per key, in the wire dtype
+    assert {k: t.dtype for k, t in saved.items()} == {"x": torch.float16, "y": torch.float16}
+    assert loaded.arrays[PAYLOAD].dtype == "float16"
     for key, tensor in from_record(arrays).items():
         assert torch.equal(from_record(loaded.arrays)[key], tensor)
     restore_rng(loaded)
     assert random.random() == expected_next
+
+
+def test_a_checkpoint_outside_the_wire_dtypes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoints, "unpack", lambda record: {"x": np.zeros(2, np.int64)})  # a file no run writes
+    save_checkpoint(tmp_path / "checkpoint", Checkpoint(1, to_record({"x": torch.zeros(2)}), {}, [], random.getstate()))
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors holds \['int64'\], not one wire dtype"):
+        load_checkpoint(tmp_path / "checkpoint")
 
 
 def test_a_crash_mid_swap_leaves_a_usable_checkpoint(tmp_path: Path) -> None:

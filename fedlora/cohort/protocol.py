@@ -23,8 +23,9 @@ from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-COHORT = "cohort"
-ARRAYS, METRICS, RANK_PATTERN, ERROR = "arrays", "metrics", "rank-pattern", "error"
+from fedlora.keys import ARRAYS, CONFIG
+
+COHORT, ERROR = "cohort", "error"  # record names only cohort messages have
 
 
 def is_cohort(content: RecordDict) -> bool:
@@ -36,7 +37,7 @@ def instruction(
     config: ConfigRecord, clients: list[int], adapter_of: list[int], adapters: list[ArrayRecord]
 ) -> RecordDict:
     """A cohort instruction: ``clients[j]`` starts from ``adapters[adapter_of[j]]``."""
-    content = RecordDict({"config": config, COHORT: ConfigRecord({"clients": clients, "adapter": adapter_of})})
+    content = RecordDict({CONFIG: config, COHORT: ConfigRecord({"clients": clients, "adapter": adapter_of})})
     for index, arrays in enumerate(adapters):
         content[f"{ARRAYS}.{index}"] = arrays
     return content

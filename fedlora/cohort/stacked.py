@@ -32,6 +32,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import Tensor, nn
 
 from fedlora.adapter import trainable_names
+from fedlora.keys import DORA_MAGNITUDE, HEAD_COPY, LORA_A, LORA_B, param_key
 
 Hook = Callable[[nn.Module, tuple, Tensor], Tensor]
 
@@ -64,14 +65,14 @@ def blocker(model: PeftModel) -> str:
             return f"'{name}' is a {type(layer).__name__} whose factors are not linear layers (AdaLoRA's SVD triplets)"
         if not isinstance(layer.get_base_layer(), nn.Linear):  # bitsandbytes' 4- and 8-bit layers are nn.Linear too
             return f"'{name}' is a LoRA layer over {type(layer.get_base_layer()).__name__}, not a linear layer"
-        covered |= {f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"}
+        covered |= {param_key(name, LORA_A, adapter), param_key(name, LORA_B, adapter)}
         if adapter in layer.lora_magnitude_vector:
-            covered.add(f"{name}.lora_magnitude_vector.{adapter}.weight")
+            covered.add(param_key(name, DORA_MAGNITUDE, adapter))
     for name, wrapper, adapter in _head_sites(model):
         if type(wrapper.modules_to_save[adapter]) is not nn.Linear:
             return f"'{name}' trains a {type(wrapper.modules_to_save[adapter]).__name__}, not a linear head"
         head = wrapper.modules_to_save[adapter]
-        covered |= {f"{name}.modules_to_save.{adapter}.{p}" for p, _ in head.named_parameters()}
+        covered |= {param_key(name, HEAD_COPY, adapter, p) for p, _ in head.named_parameters()}
     if uncovered := [n for n in trainable_names(model) if n not in covered]:
         return f"trainable tensor '{uncovered[0]}' is not a LoRA factor, DoRA magnitude or linear head"
     return ""
@@ -111,10 +112,10 @@ class StackedAdapter:
         return x.reshape(self.size, -1, x.shape[-1])
 
     def _lora_hook(self, name: str, layer: LoraLayer, adapter: str) -> Hook:
-        a = self._get(f"{name}.lora_A.{adapter}.weight")
-        b = self._get(f"{name}.lora_B.{adapter}.weight")
+        a = self._get(param_key(name, LORA_A, adapter))
+        b = self._get(param_key(name, LORA_B, adapter))
         scaling, dropout = layer.scaling[adapter], layer.lora_dropout[adapter]
-        magnitude_key = f"{name}.lora_magnitude_vector.{adapter}.weight"
+        magnitude_key = param_key(name, DORA_MAGNITUDE, adapter)
         magnitude = self.params.get(magnitude_key) if adapter in layer.lora_magnitude_vector else None
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
@@ -158,8 +159,8 @@ class StackedAdapter:
         return (scale - 1) * plain + scale * lora * scaling
 
     def _head_hook(self, name: str, adapter: str, head: nn.Linear) -> Hook:
-        weight = self.params[f"{name}.modules_to_save.{adapter}.weight"]  # (K, out, in)
-        bias = self.params.get(f"{name}.modules_to_save.{adapter}.bias")  # (K, out) or None
+        weight = self.params[param_key(name, HEAD_COPY, adapter)]  # (K, out, in)
+        bias = self.params.get(param_key(name, HEAD_COPY, adapter, "bias"))  # (K, out) or None
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             x = self._by_block(args[0])

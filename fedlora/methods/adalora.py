@@ -22,6 +22,7 @@ from collections.abc import Callable
 from peft import AdaLoraConfig, PeftModel
 
 from fedlora.config import RunConfig
+from fedlora.keys import PEFT_PREFIX
 from fedlora.methods.base import task_type
 from fedlora.methods.lora import Lora, target_modules
 
@@ -57,4 +58,4 @@ class AdaLora(Lora):
     def rank_pattern(self, model: PeftModel) -> dict[str, list[bool]]:
         """The allocator's pattern, re-keyed from the inner model's names to our state's ``lora_E`` names."""
         pattern = model.peft_config[model.active_adapter].rank_pattern or {}
-        return {f"base_model.model.{name}": list(kept) for name, kept in pattern.items()}
+        return {PEFT_PREFIX + name: list(kept) for name, kept in pattern.items()}

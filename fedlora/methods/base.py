@@ -9,7 +9,7 @@ projections) is regenerated from the run's seed on every party.
 How tensors aggregate follows from their names, so strategies need no
 per-method code: a LoRA factor pair ``….lora_A.<adapter>.weight`` /
 ``….lora_B.<adapter>.weight`` is one low-rank update that product-averaging
-strategies treat as such (:func:`fedlora.aggregation.lora_pairs`); every other
+strategies treat as such (:func:`fedlora.keys.lora_pairs`); every other
 tensor (a lone factor, a DoRA magnitude, VeRA's scaling vectors, virtual-token
 embeddings, a classification head) is averaged element-wise.
 """

@@ -16,6 +16,7 @@ from peft import PeftModel
 from peft.optimizers import create_lorafa_optimizer
 
 from fedlora.config import RunConfig
+from fedlora.keys import is_lora_a
 from fedlora.methods.lora import Lora
 
 
@@ -27,7 +28,7 @@ class LoraFA(Lora):
     def freeze(self, model: PeftModel) -> None:
         """Freeze every ``lora_A``: it is the same seeded matrix on every party."""
         for name, param in model.named_parameters():
-            if ".lora_A." in name:
+            if is_lora_a(name):
                 param.requires_grad_(False)
 
     def optimizer(self, model: PeftModel, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:

@@ -5,7 +5,7 @@ Learning", CVPR 2024, https://arxiv.org/abs/2403.20320. The paper's
 task-agnostic modules sit everywhere and its task-specific ones at the end of
 each backbone stage. A decoder LM has one stage, so here the task-agnostic
 LoRA ("default") is on ``adapter.target-modules`` of every layer and each task's
-LoRA ("task-<name>") on ``mtlora.task-modules`` of the last
+LoRA ("task-<name>", :func:`fedlora.keys.task_adapter`) on ``mtlora.task-modules`` of the last
 ``mtlora.task-layers`` layers, where the representation turns task-specific.
 
 Built with peft's multi-adapter support: all adapters live in one model; a
@@ -17,30 +17,12 @@ Federated aggregation of the two kinds is :class:`strategies.mtlora.MTLoRA`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from peft import LoraConfig, PeftModel
-from torch import Tensor
 
 from fedlora.config import RunConfig, task_names
+from fedlora.keys import SHARED_ADAPTER, task_adapter
 from fedlora.methods.base import task_type
 from fedlora.methods.lora import Lora
-
-
-def task_adapter(task: str) -> str:
-    """The peft adapter name of ``task``'s task-specific LoRA."""
-    return f"task-{task}"
-
-
-def task_of(key: str) -> str:
-    """The task whose task-specific LoRA tensor ``key`` is, or "" for a shared tensor."""
-    marker = next((part for part in key.split(".") if part.startswith("task-")), "")
-    return marker.removeprefix("task-")
-
-
-def task_state(state: Mapping[str, Tensor], task: str) -> dict[str, Tensor]:
-    """The shared tensors of ``state`` and those of ``task``: what a model activated for ``task`` holds."""
-    return {k: v for k, v in state.items() if task_of(k) in ("", task)}
 
 
 class MTLora(Lora):
@@ -65,7 +47,7 @@ class MTLora(Lora):
 
     def activate(self, model: PeftModel, task: str) -> None:
         """Make the shared LoRA and ``task``'s LoRA the active, trainable ones ("": every task's)."""
-        names = [n for n in model.peft_config if n != "default" and (not task or n == task_adapter(task))]
+        names = [n for n in model.peft_config if n != SHARED_ADAPTER and (not task or n == task_adapter(task))]
         if task and not names:
             raise ValueError(f"unknown task '{task}'; this model has tasks {sorted(model.peft_config)}")
-        model.base_model.set_adapter(["default", *names])
+        model.base_model.set_adapter([SHARED_ADAPTER, *names])

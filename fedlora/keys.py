@@ -1,0 +1,138 @@
+"""The names things travel under: the grammar of adapter tensor keys and the keys of the message protocol.
+
+Every party must read a key the same way, so both live here and every other module imports them; none retypes
+them.
+
+**Tensor keys** are the model's parameter names (``model.named_parameters()``), for a LoRA factor
+``<module>.lora_A.<adapter>.weight``, for example
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``. How a tensor aggregates follows from
+its key alone (strategies need no per-method code): ``lora_A``/``lora_B`` of one module and adapter are one
+low-rank update ``B·A`` (:func:`lora_pairs`), unless AdaLoRA's singular values ``lora_E`` sit between them; DoRA's
+magnitude and every other tensor are averaged element-wise. MTLoRA's task-specific adapters are named
+``task-<task>`` (:func:`task_adapter`), so a key names its task. A global adapter may also carry, per LoRA layer,
+a residual ``<module>.residual_B``/``<module>.residual_A`` that the parties merge into their base weights (FLoRA).
+
+**Protocol keys** name the records of a Flower message and the entries the server and clients exchange; they
+are Flower ``FedAvg``'s defaults where Flower has one, passed to it explicitly so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# --- Tensor keys ---------------------------------------------------------------------------------------------------
+
+LORA_A, LORA_B, LORA_E = ".lora_A.", ".lora_B.", ".lora_E."
+"""LoRA factor markers: ``B·A`` (d×r · r×k), AdaLoRA's ``B·diag(E)·A``."""
+
+DORA_MAGNITUDE = ".lora_magnitude_vector."
+"""DoRA's per-output magnitude vector of a module."""
+
+HEAD_COPY = ".modules_to_save."
+"""The trained copy of a module peft trains whole (``modules_to_save``: a classification head)."""
+
+RESIDUAL_A, RESIDUAL_B = ".residual_A", ".residual_B"
+"""Suffixes of a module's residual factors: an aggregated update merged into the base, never trained nor sent back."""
+
+SHARED_ADAPTER = "default"
+"""peft's name of a model's first adapter: the only one, or MTLoRA's task-agnostic one."""
+
+TASK_PREFIX = "task-"
+"""MTLoRA's task-specific adapters are ``task-<task>``."""
+
+PEFT_PREFIX = "base_model.model."
+"""What a ``PeftModel`` puts before the inner model's parameter names (peft reports some names without it)."""
+
+
+def is_lora_a(key: str) -> bool:
+    """Whether ``key`` is a LoRA ``A`` factor (r×k)."""
+    return LORA_A in key
+
+
+def is_lora_b(key: str) -> bool:
+    """Whether ``key`` is a LoRA ``B`` factor (d×r)."""
+    return LORA_B in key
+
+
+def is_lora_e(key: str) -> bool:
+    """Whether ``key`` is an AdaLoRA singular-value vector ``E``."""
+    return LORA_E in key
+
+
+def is_residual(key: str) -> bool:
+    """Whether ``key`` is a residual factor (FLoRA), which a party merges into its base instead of training it."""
+    return key.endswith((RESIDUAL_A, RESIDUAL_B))
+
+
+def module_of(key: str) -> str:
+    """The module a LoRA factor belongs to: ``….q_proj.lora_A.default.weight`` → ``….q_proj``."""
+    for marker in (LORA_A, LORA_B, LORA_E):
+        module, found, _ = key.partition(marker)
+        if found:
+            return module
+    raise ValueError(f"'{key}' is not a LoRA factor")
+
+
+def param_key(module: str, marker: str, adapter: str, param: str = "weight") -> str:
+    """The name of ``module``'s parameter ``param`` in its ``marker`` part (:data:`LORA_A`, …) for peft ``adapter``."""
+    return f"{module}{marker}{adapter}.{param}"
+
+
+def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Map each LoRA layer whose two factors are both present to its ``(A key, B key)``.
+
+    ``….q_proj.lora_A.default.weight`` pairs with ``….q_proj.lora_B.default.weight``
+    under the layer ``….q_proj.default``. A lone factor (LoRA-FA sends only B)
+    is not a pair: it is averaged like any other tensor, which for a shared,
+    frozen A is the exact average of the products. Nor is an AdaLoRA triplet
+    (``lora_E`` between the factors: the update is B·diag(E)·A).
+    """
+    keys = set(keys)
+    pairs = {}
+    for a_key in sorted(k for k in keys if is_lora_a(k)):
+        b_key = a_key.replace(LORA_A, LORA_B)
+        if b_key in keys and a_key.replace(LORA_A, LORA_E) not in keys:
+            module, suffix = a_key.split(LORA_A, 1)
+            adapter = suffix.removesuffix("weight").rstrip(".")
+            pairs[f"{module}.{adapter}" if adapter else module] = (a_key, b_key)
+    return pairs
+
+
+def task_adapter(task: str) -> str:
+    """The peft adapter name of ``task``'s task-specific LoRA (MTLoRA)."""
+    return f"{TASK_PREFIX}{task}"
+
+
+def task_of(key: str) -> str:
+    """The task whose task-specific LoRA tensor ``key`` is, or "" for a shared tensor."""
+    marker = next((part for part in key.split(".") if part.startswith(TASK_PREFIX)), "")
+    return marker.removeprefix(TASK_PREFIX)
+
+
+def task_state(state: Mapping[str, T], task: str) -> dict[str, T]:
+    """The shared tensors of ``state`` and those of ``task``: what a model activated for ``task`` holds."""
+    return {k: v for k, v in state.items() if task_of(k) in ("", task)}
+
+
+# --- Protocol keys -------------------------------------------------------------------------------------------------
+
+ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+"""Record names of a message: the adapter (``ArrayRecord``), a reply's metrics, an instruction's configuration."""
+
+NUM_EXAMPLES = "num-examples"
+"""A reply's metric holding its example count: the aggregation weight."""
+
+SERVER_ROUND = "server-round"
+"""The round number in an instruction's configuration (Flower's ``FedAvg`` sets it)."""
+
+RANK_PATTERN = "rank-pattern"
+"""ConfigRecord of an AdaLoRA reply: per ``lora_E`` key, which rank indices its client kept."""
+
+RANK_KEY, TASK_KEY = "lora-rank", "task"
+"""A node's LoRA rank and task: its node-config keys and its answers to the server's profile query."""
+
+PROFILE, PROFILE_QUESTION = "profile", "ask"
+"""The profile query: the ConfigRecord of the client's answer, and the entry listing what the server asks."""
