@@ -209,6 +209,9 @@ def main() -> None:
     parser.add_argument("--precision", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--append", action="store_true", help="add these models to the results already there (other sizes per model)"
+    )
     args = parser.parse_args()
     args.sizes = [int(k) for k in args.sizes.split(",") if int(k) <= args.clients]
     started = time.monotonic()
@@ -221,7 +224,13 @@ def main() -> None:
     }
     results["wall-s"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "performance-cohort.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    raw = args.out / "performance-cohort.json"
+    if args.append and raw.exists():
+        earlier = json.loads(raw.read_text())
+        results["models"] = {**earlier["models"], **results["models"]}
+        results["command"] = f"{earlier['command']}; {results['command']}"
+        results["wall-s"] += earlier["wall-s"]
+    raw.write_text(json.dumps(results, indent=2, default=str) + "\n")
     plot(results, args.out / "performance-cohort.png")
     write_section(args.out / "performance.md", "cohort", markdown(results))
     print(markdown(results))
