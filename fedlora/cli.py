@@ -21,6 +21,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch  # the heavy imports only for this sub-command: `fedlora pki` stays fast
     from transformers import GenerationConfig
 
+    import fedlora.quiet  # noqa: F401  # third-party notices off, as in the apps
     from fedlora.generate import generate, load_for_generation, read_prompts
 
     prompts = read_prompts(args.prompts)

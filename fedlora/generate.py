@@ -7,6 +7,7 @@ the left so every row's answer starts right after its own prompt.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -46,12 +47,14 @@ def generate(
 ) -> list[str]:
     """One answer per prompt, ``batch_size`` prompts at a time (greedy or sampled, as ``config`` says)."""
     tokenizer.padding_side = "left"  # a decoder continues the last position: pads go before the prompt
+    config = copy.copy(config)
+    config.pad_token_id = tokenizer.pad_token_id  # many decoders have none of their own (load_tokenizer sets it)
     device = next(model.parameters()).device
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         texts = [chat_prompt(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():
-            output = model.generate(**batch, generation_config=config, pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(**batch, generation_config=config)
         answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return [answer.strip() for answer in answers]
