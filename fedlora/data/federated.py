@@ -17,7 +17,10 @@ from fedlora.models import CAUSAL_LM
 
 
 def server_and_pool(settings: DataSettings, seed: int, task: str = CAUSAL_LM) -> tuple[Dataset, Dataset]:
-    """Load the source for ``task`` and hold out ``test-size`` examples: returns ``(test, pool)``."""
+    """Load the source and hold out ``test-size`` examples: returns ``(test, pool)``.
+
+    ``task`` decides which columns of your own data set are kept (the built-in sources have them all).
+    """
     data = load_source(settings, task)
     if settings.max_examples and settings.max_examples < len(data):
         data = data.shuffle(seed=seed).select(range(settings.max_examples))
