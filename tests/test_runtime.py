@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from client_app.app import train
 from fedlora import runtime, store
 from fedlora.adapter import adapter_state
 from fedlora.config import default_run_config, from_run_config
 from fedlora.wire import from_record, to_record
-from server_app.app import ProgressGrid, configuration_line, summary_table
+from server_app.app import ProgressGrid, configuration_line, run_server, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -270,3 +270,33 @@ def test_configuration_line_has_the_headline_and_every_changed_key() -> None:
     line = configuration_line({**default_run_config(), "train.lr": 0.01})
     assert "model.name='smollm2'" in line and "num-server-rounds=3" in line and "train.lr=0.01" in line
     assert "train.batch-size" not in line  # at its default
+
+
+class FailingGrid(FakeGrid):
+    """Every sampled client fails at once: rounds take no training, only the server's own work."""
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for i, m in enumerate(messages):
+            ids.append(f"m{i}")
+            kind = m.metadata.message_type
+            sent = Message(content=RecordDict(), dst_node_id=m.metadata.dst_node_id, message_type=kind)
+            sent.metadata.__dict__["_message_id"] = f"m{i}"
+            self.replies.append(Message(error=Error(code=1, reason="client crashed"), reply_to=sent))
+        return ids
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_central_evaluation_every_n_rounds_and_the_last(tmp_path: Path) -> None:
+    overrides = {"evaluate-every": 2, "num-server-rounds": 3, "fraction-evaluate": 0.0, "output-dir": str(tmp_path)}
+    run_server(FailingGrid(), from_run_config({**BASE, **overrides}))  # type: ignore[arg-type]
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]  # every round is recorded (and checkpointed)
+    assert [r["round"] for r in rounds if "server-eval" in r] == [0, 2, 3]
+    assert all(r["server-eval"]["num-examples"] == 20 and r["server-eval-s"] > 0 for r in rounds if "server-eval" in r)
+
+
+def test_server_test_set_is_sorted_by_length() -> None:
+    test = runtime.test_set(from_run_config(BASE))
+    lengths = [len(ids) for ids in test["input_ids"]]
+    assert len(lengths) == 20 and lengths == sorted(lengths) and lengths[0] < lengths[-1]

@@ -28,6 +28,10 @@ def sequential_reason(cfg: RunConfig, method: AdapterMethod, model: PeftModel) -
         reason = "the method changes the adapter after every local step (one schedule per client)"
     if not reason and cfg.train.keep_optimizer_state:
         reason = "train.keep-optimizer-state restores one optimizer per client from the store"
+    if not reason and cfg.train.grad_accumulation > 1:
+        reason = "train.grad-accumulation > 1 (the batched pass takes one batch per client and step)"
+    if not reason and cfg.train.epochs:
+        reason = "train.epochs > 0 (clients of different sizes take different numbers of steps)"
     if reason and cfg.cohort.batching == "batched":
         raise ConfigError(
             f"cohort.batching='batched', but adapter.method='{cfg.adapter.method}' cannot batch: {reason}"

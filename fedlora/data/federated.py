@@ -11,13 +11,17 @@ from __future__ import annotations
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
-from fedlora.config import DataSettings
+from fedlora.config import ConfigError, DataSettings
 from fedlora.data.sources import load_source
+from fedlora.models import CAUSAL_LM
 
 
-def server_and_pool(settings: DataSettings, seed: int) -> tuple[Dataset, Dataset]:
-    """Load the source and hold out ``test-size`` examples: returns ``(test, pool)``."""
-    data = load_source(settings.source)
+def server_and_pool(settings: DataSettings, seed: int, task: str = CAUSAL_LM) -> tuple[Dataset, Dataset]:
+    """Load the source and hold out ``test-size`` examples: returns ``(test, pool)``.
+
+    ``task`` decides which columns of your own data set are kept (the built-in sources have them all).
+    """
+    data = load_source(settings, task)
     if settings.max_examples and settings.max_examples < len(data):
         data = data.shuffle(seed=seed).select(range(settings.max_examples))
     if settings.test_size >= len(data):
@@ -28,6 +32,11 @@ def server_and_pool(settings: DataSettings, seed: int) -> tuple[Dataset, Dataset
 
 def make_partitioner(settings: DataSettings, num_partitions: int, pool: Dataset, seed: int) -> Partitioner:
     """A flwr-datasets partitioner for ``data.partitioner``, already bound to ``pool``."""
+    if settings.partitioner != "iid" and "label" not in pool.column_names:
+        raise ConfigError(
+            f"data.partitioner='{settings.partitioner}' splits by class, but data.source '{settings.source}' has no "
+            f"data.label-column='{settings.label_column}'; name its label column or use data.partitioner='iid'"
+        )
     if settings.partitioner == "iid":
         partitioner: Partitioner = IidPartitioner(num_partitions)  # shards of the (shuffled) pool
     elif settings.partitioner == "dirichlet":
@@ -54,6 +63,20 @@ def make_partitioner(settings: DataSettings, num_partitions: int, pool: Dataset,
     return partitioner
 
 
+def partition_split(
+    settings: DataSettings, partitioner: Partitioner, partition_id: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Partition ``partition_id`` split into ``(train, validation)``; a clear error when it is (nearly) empty."""
+    partition = partitioner.load_partition(partition_id)
+    if len(partition) < 2:
+        raise ConfigError(
+            f"client {partition_id}'s partition of data.source '{settings.source}' holds {len(partition)} "
+            f"example(s) under data.partitioner='{settings.partitioner}' with {partitioner.num_partitions} clients; "
+            "each needs 2 (train and validation): use fewer clients, more data or data.partitioner='iid'"
+        )
+    return local_split(partition, settings.val_fraction, seed)
+
+
 def local_split(data: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """A node's own data split into ``(train, validation)``."""
     if len(data) < 2:
@@ -68,5 +91,4 @@ def client_partition(
     """Client ``partition_id``'s ``(train, validation)`` split of the pool."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    partition = make_partitioner(settings, num_partitions, pool, seed).load_partition(partition_id)
-    return local_split(partition, settings.val_fraction, seed)
+    return partition_split(settings, make_partitioner(settings, num_partitions, pool, seed), partition_id, seed)

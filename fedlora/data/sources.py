@@ -1,4 +1,4 @@
-"""Real text data that installs offline, as Hugging Face ``datasets.Dataset``.
+"""Real text data that installs offline, and your own, as Hugging Face ``datasets.Dataset``.
 
 Every source returns the same columns, so the rest of the pipeline is source-agnostic:
 
@@ -7,6 +7,10 @@ Every source returns the same columns, so the rest of the pipeline is source-agn
 * ``category``: the label's name, the natural key for non-IID partitioning;
 * ``prompt`` / ``response``: the same example as an instruction and its answer,
   for causal-LM instruction tuning.
+
+Your own data (``data.source`` a file, a ``save_to_disk`` folder or a Hugging
+Face dataset id) has its columns renamed to these by the ``data.*-column`` keys
+(:func:`map_columns`); it needs only the two its task reads.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import itertools
 from collections.abc import Callable
 from pathlib import Path
 
+import datasets
 import pandas
 import yaml
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from fedlora.models import CAUSAL_LM, CLASSIFICATION
+from fedlora.config import ConfigError, DataSettings
+from fedlora.models import CLASSIFICATION
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
@@ -111,34 +117,89 @@ def load_chatterbot() -> Dataset:
     return _build(rows)
 
 
-LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
-LOCAL_COLUMNS = {CLASSIFICATION: ("text", "label"), CAUSAL_LM: ("prompt", "response")}
+LOCAL_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
 
 
-def load_local(path: str | Path, task: str) -> Dataset:
-    """A node's own examples from a CSV, JSON or JSON-lines file; they never leave the node.
+def _read_file(path: Path, what: str) -> Dataset:
+    """A CSV, JSON, JSON-lines or Parquet file as a Dataset, read into memory (pandas).
 
-    Classification needs the columns ``text`` and ``label`` (an integer class
-    index of the run's label set); causal LM needs ``prompt`` and ``response``.
-    The file is read into memory (pandas), never through ``datasets.load_dataset``,
-    which would copy it into the shared, world-readable Hugging Face cache, where it
-    would outlive the run. A ``.json`` file is a JSON array of records or JSON lines.
+    Never through ``datasets.load_dataset``, which would copy the file into the
+    shared, world-readable Hugging Face cache, where private data would outlive
+    the run. A ``.json`` file is a JSON array of records or JSON lines.
     """
-    path = Path(path).expanduser()
     if not path.is_file():
-        raise DataNotFoundError(f"node data file {path} does not exist")
+        raise DataNotFoundError(f"{what} {path} does not exist")
     if path.suffix not in LOCAL_FORMATS:
-        raise ValueError(f"node data file {path} must be one of {', '.join(LOCAL_FORMATS)}")
-    if LOCAL_FORMATS[path.suffix] == "csv":
+        raise ValueError(f"{what} {path} must be one of {', '.join(LOCAL_FORMATS)}")
+    if path.suffix == ".csv":
         frame = pandas.read_csv(path)
+    elif path.suffix == ".parquet":
+        frame = pandas.read_parquet(path)
     else:
         lines = path.suffix == ".jsonl" or not path.read_text(encoding="utf-8").lstrip().startswith("[")
         frame = pandas.read_json(path, lines=lines, dtype=False)
-    data = Dataset.from_pandas(frame, preserve_index=False)
-    missing = [c for c in LOCAL_COLUMNS[task] if c not in data.column_names]
+    return Dataset.from_pandas(frame, preserve_index=False)
+
+
+def map_columns(data: Dataset, settings: DataSettings, task: str, origin: str) -> Dataset:
+    """Keep the columns ``task`` reads, renamed from the ``data.*-column`` keys to the pipeline's names.
+
+    Raises :class:`~fedlora.config.ConfigError` naming the key of a column that
+    ``origin`` lacks, and listing the columns it has. Causal LM also keeps the
+    label column when there is one: the ``dirichlet`` and ``natural`` partitioners split by it.
+    """
+    keys = {
+        "text": ("data.text-column", settings.text_column),
+        "label": ("data.label-column", settings.label_column),
+        "prompt": ("data.prompt-column", settings.prompt_column),
+        "response": ("data.response-column", settings.response_column),
+    }
+    needed = ("text", "label") if task == CLASSIFICATION else ("prompt", "response")
+    missing = [f"{keys[name][0]}='{keys[name][1]}'" for name in needed if keys[name][1] not in data.column_names]
     if missing:
-        raise ValueError(f"node data file {path} lacks column(s) {', '.join(missing)} needed for {task}")
-    return data
+        raise ConfigError(
+            f"{origin} has no column {' or '.join(missing)} (needed for {task}); its columns: "
+            f"{', '.join(data.column_names)}"
+        )
+    wanted = {column: name for name, (_, column) in keys.items() if name in needed or column in data.column_names}
+    return data.select_columns(list(wanted)).rename_columns({c: n for c, n in wanted.items() if c != n})
+
+
+def load_local(path: str | Path, task: str, settings: DataSettings | None = None) -> Dataset:
+    """A node's own examples from a CSV, JSON, JSON-lines or Parquet file; they never leave the node.
+
+    Classification needs a text and a label column (an integer class index of
+    the run's label set); causal LM a prompt and a response column; their names
+    are the run's ``data.*-column`` keys (default ``text``, ``label``, ``prompt``, ``response``).
+    """
+    path = Path(path).expanduser()
+    return map_columns(_read_file(path, "node data file"), settings or DataSettings(), task, f"node data file {path}")
+
+
+def _load_own(settings: DataSettings) -> Dataset:
+    """``data.source`` as a file, a ``save_to_disk`` folder, or a Hugging Face dataset id (cache when offline)."""
+    path = Path(settings.source).expanduser()
+    if path.is_file():
+        return _read_file(path, "data.source file")
+    if path.is_dir():
+        try:
+            data = datasets.load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise DataNotFoundError(f"data.source folder {path} is not one `save_to_disk` wrote: {err}") from None
+        if isinstance(data, DatasetDict):
+            if settings.split not in data:
+                raise ConfigError(f"data.split='{settings.split}' is not a split of {path}: {', '.join(data)}")
+            data = data[settings.split]
+        return data
+    try:
+        return datasets.load_dataset(settings.source, settings.config or None, split=settings.split)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:  # DatasetNotFoundError is a FileNotFoundError
+        offline = " (HF_DATASETS_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
+        raise DataNotFoundError(
+            f"data.source '{settings.source}' is not a built-in source ({', '.join(SOURCES)}), a local file or "
+            f"folder, nor a Hugging Face dataset id that loads: not from the hub{offline}, nor from the datasets "
+            f"cache {datasets.config.HF_DATASETS_CACHE} ({type(err).__name__}: {err})"
+        ) from None
 
 
 SOURCES: dict[str, Callable[[], Dataset]] = {
@@ -149,8 +210,16 @@ SOURCES: dict[str, Callable[[], Dataset]] = {
 }
 
 
-def load_source(name: str) -> Dataset:
-    """Load one of :data:`SOURCES` by name."""
-    if name not in SOURCES:
-        raise ValueError(f"unknown data source '{name}'; expected one of {', '.join(SOURCES)}")
-    return SOURCES[name]()
+def load_source(settings: DataSettings, task: str) -> Dataset:
+    """``data.source``: a built-in source of :data:`SOURCES` by name, else your own data set for ``task``.
+
+    Your own data keeps the columns ``task`` needs (:func:`map_columns`), with
+    the label encoded as a ``ClassLabel`` (sorted class names or integers) as the
+    partitioners and the classification head expect.
+    """
+    if settings.source in SOURCES:
+        return SOURCES[settings.source]()
+    data = map_columns(_load_own(settings), settings, task, f"data.source '{settings.source}'")
+    if "label" in data.column_names and not isinstance(data.features["label"], ClassLabel):
+        data = data.class_encode_column("label")
+    return data

@@ -19,13 +19,20 @@ from fedlora.models import CLASSIFICATION
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 
 
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """``prompt`` as the model sees it in training, up to where the answer starts (what generation continues)."""
+    if tokenizer.chat_template is None:
+        return f"{prompt}\n"
+    user = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+
+
 def _chat_texts(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[str, str]:
     """(prompt part, full text) in the model's chat format; a plain format if it has none."""
+    head = chat_prompt(tokenizer, prompt)
     if tokenizer.chat_template is None:
-        head = f"{prompt}\n"
         return head, head + response + (tokenizer.eos_token or "")
     user = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
     return head, full
 
