@@ -104,6 +104,11 @@ class Received:
         load_adapter_state(self.bench.model, self.start)
 
     @property
+    def lr(self) -> float:
+        """The round's learning rate (cosine over rounds)."""
+        return round_lr(self.server_round, self.cfg.run.num_server_rounds, self.cfg.train.lr, self.cfg.train.lr_min)
+
+    @property
     def seed(self) -> int:
         """Seed of this client's dropout and batch order in this round."""
         return self.cfg.run.seed + 7919 * self.server_round + 104729 * _node_data(self.node_config)[0]
@@ -175,8 +180,7 @@ def train_alone(got: Received, started: float) -> RecordDict:
     cfg, bench, server_round = got.cfg, got.bench, got.server_round
     got.load()
     torch.manual_seed(got.seed)  # dropout; the loader has its own generator
-    lr = round_lr(server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
-    optimizer = bench.method.optimizer(bench.model, cfg, lr)
+    optimizer = bench.method.optimizer(bench.model, cfg, got.lr)
     runtime.restore_optimizer_state(cfg, got.node_config, optimizer, bench.model, server_round)  # opt-in
     setup_s = time.monotonic() - started  # message to first training step: what the worker cache saves
     loss = train_steps(
@@ -207,13 +211,12 @@ def train_together(members: dict[int, Received], started: float) -> dict[int, Re
     if any(not _same_residual(other, residual) for _, other in fitted.values()):
         raise ValueError("the clients of one cohort were sent different residuals")
     set_residual(bench.model, residual)
-    lr = round_lr(first.server_round, cfg.run.num_server_rounds, cfg.train.lr, cfg.train.lr_min)
     torch.manual_seed(first.seed)  # the cohort's dropout stream
     setup_s = time.monotonic() - started
     trained, losses = train_cohort(
         bench.model,
         [CohortMember(fitted[client][0], got.loader(train=True)) for client, got in members.items()],
-        bench.method.optimizer(bench.model, cfg, lr),
+        bench.method.optimizer(bench.model, cfg, first.lr),
         cfg.train.local_steps,
         cfg.train.max_grad_norm,
         bench.task,
@@ -230,9 +233,8 @@ def train_together(members: dict[int, Received], started: float) -> dict[int, Re
     return parts
 
 
-def _cohort(msg: Message, context: Context) -> tuple[dict[int, Received], dict[int, str]]:
+def _cohort(msg: Message, cfg: RunConfig) -> tuple[dict[int, Received], dict[int, str]]:
     """Each virtual client of a cohort message, unpacked; those that cannot even start, with the reason."""
-    cfg = from_run_config(context.run_config)
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     members: dict[int, Received] = {}
     failed: dict[int, str] = {}
@@ -265,7 +267,7 @@ def _train_cohort(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     bench = runtime.workbench(cfg)
     reason = sequential_reason(cfg, bench.method, bench.model)
-    members, parts = _cohort(msg, context)
+    members, parts = _cohort(msg, cfg)
     if not reason:
         parts |= train_together(members, started) if members else {}
     else:
@@ -313,6 +315,6 @@ def _evaluate(got: Received) -> RecordDict:
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on the node's validation split (each virtual client's, for a cohort)."""
     if protocol.is_cohort(msg.content):
-        members, failed = _cohort(msg, context)
+        members, failed = _cohort(msg, from_run_config(context.run_config))
         return Message(content=protocol.reply({**failed, **_each(members, _evaluate)}), reply_to=msg)
     return Message(content=_evaluate(_single(msg, context)), reply_to=msg)

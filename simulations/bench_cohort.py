@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -216,7 +217,7 @@ def main() -> None:
     args.sizes = [int(k) for k in args.sizes.split(",") if int(k) <= args.clients]
     started = time.monotonic()
     results: dict[str, Any] = {
-        "command": "python -m simulations.bench_cohort " + " ".join(__import__("sys").argv[1:]),
+        "command": "python -m simulations.bench_cohort " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "device": str(device()) + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
         "setup": {k: v for k, v in vars(args).items() if k not in {"out", "models"}},

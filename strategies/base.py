@@ -228,14 +228,15 @@ class AdapterStrategy(FedAvg):
             cohort = clients[first : first + self.cohorts.size]
             worker = workers[number % len(workers)]
             records: list[ArrayRecord] = []
-            position: dict[int, int] = {}  # id of an encoded record -> its index in this message
+            index: dict[NodeProfile | None, int] = {}  # profile -> its adapter's index in this message
             adapter_of = []
             for client in cohort:
-                expected, record = encode(self.profiles[client] if self.per_node else None)
-                if id(record) not in position:
-                    position[id(record)] = len(records)
+                profile = self.profiles[client] if self.per_node else None
+                expected, record = encode(profile)
+                if profile not in index:
+                    index[profile] = len(records)
                     records.append(record)
-                adapter_of.append(position[id(record)])
+                adapter_of.append(index[profile])
                 self.assigned[client] = worker
                 if message_type == MessageType.TRAIN:
                     self.sent[client] = expected
