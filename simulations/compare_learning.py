@@ -367,7 +367,7 @@ def exclusive_machine(wait_s: float) -> Iterator[str]:
                 if time.monotonic() - started < wait_s:
                     time.sleep(5)
                     continue
-                yield f"not held: other benchmarks kept it over {wait_s / 60:.0f} min; the wall time includes their load"
+                yield f"not held: other benchmarks held it {wait_s / 60:.0f} min; wall time includes their load"
                 return
             yield f"held exclusively (after waiting {time.monotonic() - started:.0f} s)"
             return  # closing the file releases the lock
