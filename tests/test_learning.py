@@ -159,6 +159,7 @@ def _trained(bench: runtime.Workbench, data: Dataset, mu: float | None) -> dict[
     return {k: v.clone() for k, v in adapter_state(bench.model).items()}
 
 
+@pytest.mark.slow
 def test_fedprox_with_mu_0_is_plain_training_and_mu_pulls_towards_the_start(tiny_llama: Path) -> None:
     cfg = from_run_config({"model.name": str(tiny_llama), "adapter.dropout": 0.0, "adapter.target-modules": "q_proj"})
     bench = runtime.workbench(cfg, reuse=False)
