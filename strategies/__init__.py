@@ -12,6 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from fedlora.config import ConfigError, RunConfig, client_rank, client_task
+from fedlora.server_opt import ServerOptimizer
 from strategies.adalora_merge import AdaLoRAMerge
 from strategies.base import AdapterStrategy, Cohorts, NodeProfile
 from strategies.fedavg_factors import FedAvgFactors
@@ -83,6 +84,17 @@ def _top_level_names(source: Path) -> set[str]:
 def build_strategy(cfg: RunConfig) -> AdapterStrategy:
     """The strategy named by ``strategy.name``, with the run's sampling settings and its own options."""
     cls = strategy_class(cfg.strategy.name)
+    server_optimizer = None
+    if cfg.strategy.server_optimizer != "none":
+        if reason := cls.server_optimizer_refusal(cfg):
+            raise ConfigError(
+                f"strategy.server-optimizer='{cfg.strategy.server_optimizer}' does not apply to "
+                f"strategy.name='{cfg.strategy.name}': {reason}"
+            )
+        s = cfg.strategy
+        server_optimizer = ServerOptimizer(
+            s.server_optimizer, s.server_lr, s.server_momentum, s.server_beta1, s.server_beta2, s.server_tau
+        )
     min_nodes = cfg.run.min_train_nodes
     cohorts = None
     if cfg.cohort.clients:
@@ -104,6 +116,7 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
         max_weight_ratio=cfg.run.max_weight_ratio,
         robust=cfg.strategy.robust,
         trim_fraction=cfg.strategy.trim_fraction,
+        server_optimizer=server_optimizer,
         **cls.options(cfg),
     )
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fedlora.aggregation import average_states, budget_masks, masked_average
+from fedlora.config import RunConfig
 from fedlora.keys import LORA_A, LORA_B, LORA_E, RANK_PATTERN, is_lora_e
 from fedlora.validation import rank_masks
 from strategies.base import AdapterStrategy, ClientReply
@@ -30,6 +31,14 @@ KEPT = "#kept"  # suffix of the kept-indices mask added to a decoded reply
 
 class AdaLoRAMerge(AdapterStrategy):
     """Average each AdaLoRA triplet over the clients that kept it, then cut to the clients' mean budget."""
+
+    @classmethod
+    def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
+        """Refused: pruned entries are masked out of the average, and momentum would revive them."""
+        return (
+            "entries a client pruned are left out of the average and the budget cut zeroes entries every round, "
+            "so a step along the difference (and its momentum) would revive pruned ranks"
+        )
 
     def decode_reply(self, reply: ClientReply) -> tuple[dict[str, Tensor], float]:
         """The reply's tensors plus, per ``lora_E`` tensor, its kept-indices mask under ``<key>#kept``."""

@@ -18,6 +18,11 @@ metric aggregation) plus what adapters need:
 * rounds can start after 1 (``round_offset``), so a resumed run numbers them,
   and tells clients, as the interrupted run would have;
 * bytes sent and received are counted per round;
+* with ``strategy.server-optimizer``, the aggregate is not taken as it is: the
+  server steps from the global adapter along ``aggregate − global`` with its
+  own optimiser (:mod:`fedlora.server_opt`), on the tensors
+  :meth:`AdapterStrategy.server_keys` names; a strategy whose aggregate is not
+  such a step refuses it (:meth:`AdapterStrategy.server_optimizer_refusal`);
 * the new global adapter is rounded to the transport dtype, so the server's
   evaluation, the clients and the saved adapter all see the same numbers.
 
@@ -64,6 +69,7 @@ from fedlora.cohort import protocol
 from fedlora.config import ConfigError, RunConfig, RunSettings, StrategySettings
 from fedlora.keys import ARRAYS, CONFIG, NUM_EXAMPLES, PROFILE_QUESTION, RANK_KEY, SERVER_ROUND, TASK_KEY, is_lora_a
 from fedlora.robust import average_metrics, capped_weights, robust_states, update_norm
+from fedlora.server_opt import Moments, ServerOptimizer, server_step
 from fedlora.validation import InvalidUpdate, check_record_size, check_state, check_weight
 from fedlora.wire import from_record, record_nbytes, to_record
 
@@ -102,7 +108,8 @@ class AdapterStrategy(FedAvg):
     fewest good replies a round aggregates; ``max_update_norm``, the largest
     accepted L2 norm of a reply's update (0: no bound); ``max_weight_ratio``, the
     largest weight of a client relative to the round's median; ``robust`` and
-    ``trim_fraction``, the robust aggregation (:func:`fedlora.robust.robust_states`).
+    ``trim_fraction``, the robust aggregation (:func:`fedlora.robust.robust_states`);
+    ``server_optimizer``, the server's step on the aggregate (None: the aggregate as is).
     Defaults are the run config's.
     """
 
@@ -118,6 +125,7 @@ class AdapterStrategy(FedAvg):
         robust: str = StrategySettings.robust,
         trim_fraction: float = StrategySettings.trim_fraction,
         cohorts: Cohorts | None = None,
+        server_optimizer: ServerOptimizer | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         # Flower's defaults, named explicitly: the client app reads the same keys (fedlora.keys)
@@ -130,6 +138,8 @@ class AdapterStrategy(FedAvg):
         self.max_weight_ratio = max_weight_ratio
         self.robust = robust
         self.trim_fraction = trim_fraction
+        self.server_optimizer = server_optimizer
+        self.moments = Moments()  # the server optimiser's state (not checkpointed: a resumed run restarts it)
         self.round_offset = 0  # rounds already done by an earlier, interrupted run
         self.global_state: dict[str, Tensor] = {}
         self.current_round = 0  # the round being trained, as clients are told (round_offset included)
@@ -144,6 +154,15 @@ class AdapterStrategy(FedAvg):
     def options(cls, cfg: RunConfig) -> dict[str, Any]:
         """Constructor arguments this strategy takes from the run config (default: none)."""
         return {}
+
+    @classmethod
+    def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
+        """Why ``strategy.server-optimizer`` makes no sense for this strategy ("" when it does: the default)."""
+        return ""
+
+    def server_keys(self) -> list[str]:
+        """The tensors the server optimiser steps (default: every tensor of the global adapter but a residual)."""
+        return list(split_residual(self.global_state)[0])
 
     @abstractmethod
     def aggregate_states(
@@ -336,8 +355,15 @@ class AdapterStrategy(FedAvg):
         weights = capped_weights(weights, self.max_weight_ratio)
         try:
             robust = robust_states(states, sents, self.robust, self.trim_fraction)
-            arrays = to_record(self.aggregate_states(server_round, robust, weights), self.wire_dtype)
+            new_state = self.aggregate_states(server_round, robust, weights)
+            moments = self.moments
+            if self.server_optimizer:
+                new_state, moments = server_step(
+                    self.server_optimizer, moments, self.global_state, new_state, self.server_keys()
+                )
+            arrays = to_record(new_state, self.wire_dtype)
             self._check_global(from_record(arrays))  # as it travels: a float16 wire turns 1e5 into inf
+            self.moments = moments  # kept only with the adapter they produced
         except Exception as err:  # a strategy bug or numeric failure must not ship a broken adapter nor stop the run
             log(ERROR, "round %d: aggregation failed, the global adapter stays as it was: %r", server_round, err)
             self._count(server_round, "failed-aggregations", 1)

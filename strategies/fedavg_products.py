@@ -20,12 +20,22 @@ from flwr.common.logger import log
 from torch import Tensor
 
 from fedlora.aggregation import average_states, product_average
+from fedlora.config import RunConfig
 from fedlora.keys import lora_pairs
 from strategies.base import AdapterStrategy
 
 
 class FedAvgProducts(AdapterStrategy):
     """Exact weighted average of B·A per layer, truncated to rank r by SVD."""
+
+    @classmethod
+    def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
+        """Refused: consecutive aggregates are factorised in different bases (docs/strategies.md)."""
+        return (
+            "its aggregate is re-factorised by an SVD every round, so A and B of two rounds are in different bases "
+            "(rotated, signs flipped) and their difference is not an update; a step on the products B·A would need "
+            "dense d×k moments per layer"
+        )
 
     def aggregate_states(
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]

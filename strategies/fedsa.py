@@ -13,12 +13,18 @@ evaluation (``fraction-evaluate`` > 0).
 
 from __future__ import annotations
 
+from fedlora.config import RunConfig
 from fedlora.keys import is_lora_b
 from strategies.split import SplitStrategy
 
 
 class FedSA(SplitStrategy):
     """LoRA A aggregated over all clients, B local to each."""
+
+    @classmethod
+    def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
+        """Allowed with either ``within``: only A is shared, so nothing is re-factorised."""
+        return ""
 
     def scope(self, key: str) -> str:
         """``LOCAL`` for B factors, ``GLOBAL`` for the rest."""

@@ -47,6 +47,14 @@ class FLoRA(AdapterStrategy):
 
     per_node = True
 
+    @classmethod
+    def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
+        """Refused: the global factors are fresh every round and the update goes into a growing residual."""
+        return (
+            "the LoRA factors are re-drawn every round and each round's update is stacked into a residual whose "
+            "rank grows, so there is no fixed tensor to step along"
+        )
+
     def __init__(self, *, scaling: float = 2.0, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.scaling = scaling

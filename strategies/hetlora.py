@@ -33,6 +33,14 @@ class HetLoRA(AdapterStrategy):
 
     per_node = True
 
+    @classmethod
+    def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
+        """Refused: a zero-padded component is a client's absence, not a zero update."""
+        return (
+            "clients of lower rank return zero-padded factors, so the average of a component only some clients "
+            "train is shrunk by zeros that are not updates, and server moments would carry that bias on"
+        )
+
     def __init__(self, *, norm_weighting: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.norm_weighting = norm_weighting

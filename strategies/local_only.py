@@ -10,11 +10,17 @@ own adapter from its on-disk store, and client-side evaluation (per task with
 
 from __future__ import annotations
 
+from fedlora.config import RunConfig
 from strategies.split import SplitStrategy
 
 
 class LocalOnly(SplitStrategy):
     """Every tensor local."""
+
+    @classmethod
+    def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
+        """Refused: nothing is aggregated."""
+        return "every tensor stays on its client, so the server has nothing to step"
 
     def scope(self, key: str) -> str:
         """``LOCAL``."""

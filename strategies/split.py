@@ -49,6 +49,17 @@ class SplitStrategy(AdapterStrategy):
         """``strategy.within``."""
         return {"within": cfg.strategy.within}
 
+    @classmethod
+    def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
+        """Refused when the shared tensors are product-averaged (re-factorised), as for ``fedavg-products``."""
+        if cfg.strategy.within == "fedavg-products":
+            return "strategy.within='fedavg-products': " + FedAvgProducts.server_optimizer_refusal(cfg)
+        return ""
+
+    def server_keys(self) -> list[str]:
+        """The shared tensors (global and per group); local ones never reach the server."""
+        return [k for k in super().server_keys() if self.scope(k) != self.LOCAL]
+
     @abstractmethod
     def scope(self, key: str) -> str:
         """``GLOBAL``, ``LOCAL`` or the name of the group whose clients share tensor ``key``."""
