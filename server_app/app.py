@@ -226,6 +226,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         grid=grid,
         initial_arrays=latest,
         num_rounds=cfg.run.num_server_rounds - done,
+        timeout=cfg.run.round_timeout,
         evaluate_fn=central_evaluate,
     )
     load_adapter_state(bench.model, from_record(latest))
