@@ -218,10 +218,10 @@ def test_simulation_on_a_ray_cluster_spanning_two_hosts(tmp_path: Path, tiny_lla
     client's optimizer state, and each restore is logged by the actor that ran it.
     """
     run = overrides(tiny_llama, tmp_path / "out", **{"train.keep-optimizer-state": True, "data.max-examples": 400})
-    with Network(["head", "worker"]) as network, ray_cluster(network, "head", ["worker"], tmp_path / "ray") as address:
-        result = simulate_on_cluster(network, "head", address, run_config_arg(run), 4, tmp_path / "flwr")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with Network(["head", "worker"]) as network, ray_cluster(network, "head", ["worker"], tmp_path / "ray") as cluster:
+        result = simulate_on_cluster(network, "head", cluster.address, run_config_arg(run), 4, tmp_path / "flwr")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        for host, folder in cluster.temp_dirs.items():  # each host's own Ray worker logs
+            logs = "".join(p.read_text(errors="replace") for p in folder.glob("session_*/logs/worker-*"))
+            assert re.search(r"optimizer state of partition-\d restored from round 1", logs), f"no client on {host}"
     assert [r["round"] for r in rounds_of(tmp_path / "out")] == [0, 1, 2]
-    for host in ("head", "worker"):
-        logs = "".join(p.read_text() for p in (tmp_path / "ray" / f"ray-{host}").glob("session_*/logs/worker-*"))
-        assert re.search(r"optimizer state of partition-\d restored from round 1", logs), f"no client ran on {host}"
