@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from fedlora import runtime
 from fedlora.adapter import adapter_state
+from fedlora.checkpoint import load_checkpoint
 from fedlora.config import from_run_config
 from fedlora.data.sources import load_chatterbot
 from fedlora.store import client_key
@@ -126,6 +127,10 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 300)
 def test_deployment_across_hosts_and_serverapp_killed_resumes(
     deployment: MultiHostDeployment, tiny_llama: Path
 ) -> None:
+    """A 2-round run across the hosts; then the same run with its ServerApp killed in round 2, and resumed.
+
+    The resumed run continues from the round-1 checkpoint and ends with the uninterrupted run's adapter.
+    """
     reference = overrides(tiny_llama, deployment.work / "uninterrupted")
     result = deployment.run(run_config_arg(reference), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -150,9 +155,13 @@ def test_deployment_across_hosts_and_serverapp_killed_resumes(
     assert serverapp, "no ServerApp process to kill"
     kill_tree(serverapp)
     kill_tree([cli.pid])
+    checkpoint = load_checkpoint(output / "checkpoint")
+    assert checkpoint.server_round == 1
     result = deployment.run(run_config_arg({**reference, "output-dir": str(output), "resume": True}), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert [r["round"] for r in rounds_of(output)] == [0, 1, 2]
+    resumed = rounds_of(output)
+    assert [r["round"] for r in resumed] == [0, 1, 2]
+    assert resumed[:2] == checkpoint.metrics  # round 1 continued from, not redone (its timings would differ)
     assert_same_adapter(output, deployment.work / "uninterrupted")
 
 
@@ -165,7 +174,7 @@ def restart_until_admitted(deployment: MultiHostDeployment, i: int, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         process = start_node(deployment, i)
-        log = next(reversed(deployment.log_paths.values()))
+        log = next(reversed(deployment.log_paths.values()))  # the log of the process just started
         while process.poll() is None and "SuperNode ID:" not in log.read_text():
             time.sleep(0.2)
         if process.poll() is None:
