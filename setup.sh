@@ -10,6 +10,14 @@ if [ ! -d /usr/share/games/fortunes ] || [ -z "$(ls /usr/share/games/fortunes 2>
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq fortunes fortunes-min >/dev/null
 fi
 
+# iproute2's `ip` makes the separate hosts of the multi-host tests (network namespaces); without it they skip.
+if ! command -v ip >/dev/null 2>&1 && [ ! -x /usr/sbin/ip ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing iproute2 (network namespaces for the multi-host tests)"
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo -n")  # never prompts: no password, no iproute2
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq iproute2 >/dev/null; } \
+    || echo "[setup] could not install iproute2: the multi-host tests will be skipped"
+fi
+
 stamp=.venv/.fedlora-setup
 want=$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

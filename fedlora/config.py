@@ -59,6 +59,12 @@ class RunSettings:
     min_replies: int = _opt(
         1, "Fewest valid training replies a round needs; with fewer, the global adapter stays as it was."
     )
+    round_timeout: float = _opt(
+        3600.0,
+        "Seconds a round waits for replies before it aggregates those that came (Flower's default, 3600). A "
+        "deployed node that loses its network is only reported gone after 2 missed 30 s heartbeats; a shorter "
+        "timeout ends its round sooner, and it joins the next round once it is back (docs/deployment.md).",
+    )
     max_update_norm: float = _opt(
         100.0,
         "Reject a reply whose update (L2 norm of received minus sent, over all tensors, in the wire dtype) exceeds "
@@ -503,6 +509,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         "min-train-nodes": cfg.run.min_train_nodes >= 1,
         "seed": 0 <= cfg.run.seed < 2**32,
         "min-replies": cfg.run.min_replies >= 1,
+        "round-timeout": 0 < cfg.run.round_timeout < math.inf,
         "max-update-norm": 0 <= cfg.run.max_update_norm < math.inf,
         "max-weight-ratio": 1 <= cfg.run.max_weight_ratio < math.inf,
         "strategy.trim-fraction": 0 <= cfg.strategy.trim_fraction < 0.5,

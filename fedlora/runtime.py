@@ -278,7 +278,10 @@ def restore_optimizer_state(
         log(INFO, "optimizer state of %s is from round %s, not before %d: ignored", client_key(node_config),
             metadata.get("round"), server_round)  # fmt: skip
         return False
-    return restore_optimizer(optimizer, model, tensors) > 0
+    restored = restore_optimizer(optimizer, model, tensors)
+    log(INFO, "optimizer state of %s restored from round %s (%d parameters)", client_key(node_config),
+        metadata.get("round"), restored)  # fmt: skip
+    return restored > 0
 
 
 def keep_optimizer_state(

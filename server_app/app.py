@@ -72,7 +72,9 @@ class ProgressGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Push ``messages``, then pull replies until all are in or ``timeout`` seconds have passed."""
         messages = list(messages)
-        kind = messages[0].metadata.message_type if messages else ""
+        if not messages:  # e.g. no client evaluation (fraction-evaluate=0): nothing to count or wait for
+            return []
+        kind = messages[0].metadata.message_type
         pending = set(self.grid.push_messages(messages))
         sent = len(pending)
         self.counts[f"{kind}-sampled"] += sent
@@ -227,6 +229,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         grid=grid,
         initial_arrays=latest,
         num_rounds=cfg.run.num_server_rounds - done,
+        timeout=cfg.run.round_timeout,
         evaluate_fn=central_evaluate,
     )
     load_adapter_state(bench.model, from_record(latest))

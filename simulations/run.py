@@ -169,6 +169,18 @@ def stop_processes(pids: list[int], timeout: float = 10.0) -> None:
             return
 
 
+def kill_tree(roots: list[int]) -> list[int]:
+    """SIGKILL ``roots`` and all their descendants at once (a crash, not a shutdown); the PIDs killed."""
+    tree = process_tree(roots)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stop_processes(tree, timeout=5)  # waits until they are gone
+    return tree
+
+
 def stop_superlink(flwr_home: Path, timeout: float = 10.0) -> None:
     """Stop the local SuperLink of ``flwr_home`` and everything it started."""
     stop_processes(superlink_pids(flwr_home), timeout)

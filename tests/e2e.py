@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,23 @@ def check_run(overrides: dict, rounds: list[dict], metric: str, cohorts: bool = 
     reproduced = evaluate(loaded, bench.loader(runtime.test_set(cfg), cfg.eval.batch_size), task)
     assert reproduced["eval-loss"] == pytest.approx(last["eval-loss"], abs=1e-5)
     assert reproduced[metric] == pytest.approx(last[metric], rel=1e-5)
+
+
+def wait_for_round(checkpoint: Path, server_round: int, timeout: float = 400) -> None:
+    """Block until the run writing ``checkpoint`` has completed ``server_round`` (its state.json says so)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = checkpoint / "state.json"
+        if state.is_file() and json.loads(state.read_text())["round"] >= server_round:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint of round {server_round} within {timeout}s")
+
+
+def assert_same_adapter(output: Path, reference: Path) -> None:
+    """The final adapters under two runs' output dirs hold the same tensors (up to float summation order)."""
+    got = load_file(output / "adapter" / "adapter_model.safetensors")
+    expected = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, atol=1e-6, rtol=1e-5)

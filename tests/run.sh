@@ -5,7 +5,8 @@
 #   bash tests/run.sh -m "not slow"    # the fast tier for day-to-day work: unit tests only, well under 3 minutes
 #   bash tests/run.sh -m e2e           # only what runs `flwr run`, a deployment or another process
 #   bash tests/run.sh -n 0 -k wire     # one process, selected tests
-# Markers (pyproject.toml): `e2e`, and `slow` for anything over about 10 seconds on 2 cores.
+# Markers (pyproject.toml): `e2e`, `slow` for anything over about 10 seconds on 2 cores, and `multihost` for the
+# tests across hosts made with network namespaces (root or CAP_NET_ADMIN; skipped without): `-m multihost`.
 # Measured 2026-11-26 on 2 cores shared with other test runs (load average 4-11, median 7.6): everything, 26 min
 # (167 tests; their durations sum to 51 min, so both workers were busy throughout); fast tier, 57 s at load 2-3.
 set -euo pipefail

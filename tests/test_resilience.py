@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import random
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import reply
-from e2e import simulate
+from e2e import assert_same_adapter, simulate, wait_for_round
 from flwr.app import ConfigRecord
 from safetensors.torch import load_file
 from test_strategies import FakeGrid, configured, lora_state
@@ -26,7 +21,7 @@ from fedlora import checkpoint as checkpoints
 from fedlora.checkpoint import Checkpoint, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedlora.report import write_folder
 from fedlora.wire import PAYLOAD, from_record, to_record
-from simulations.run import flwr_command, local_superlink, process_tree, run_config_arg, stop_processes, superlink_pids
+from simulations.run import flwr_command, kill_tree, local_superlink, run_config_arg, superlink_pids
 from strategies import FedAvgFactors
 
 
@@ -120,16 +115,6 @@ def test_round_offset_numbers_rounds_as_the_interrupted_run() -> None:
     assert 3 in strategy.round_log and 1 not in strategy.round_log
 
 
-def wait_for_round(checkpoint: Path, server_round: int, timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = checkpoint / "state.json"
-        if state.is_file() and json.loads(state.read_text())["round"] >= server_round:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"no checkpoint of round {server_round} within {timeout}s")
-
-
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_server_killed_mid_run_resumes_to_the_same_adapter(tmp_path: Path, tiny_llama: Path) -> None:
@@ -161,11 +146,7 @@ def test_server_killed_mid_run_resumes_to_the_same_adapter(tmp_path: Path, tiny_
                 if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes()
             ]
             assert simulation, "no simulation process to kill"
-            tree = process_tree(simulation)  # the ServerApp's process and its Ray workers
-            for pid in tree:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            stop_processes(tree, timeout=5)
+            kill_tree(simulation)  # the ServerApp's process and its Ray workers
         finally:
             process.kill()
             process.wait()
@@ -175,8 +156,4 @@ def test_server_killed_mid_run_resumes_to_the_same_adapter(tmp_path: Path, tiny_
     _, rounds = simulate(run_dir, {**overrides, "resume": True})
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert rounds[: len(checkpoint.metrics)] == checkpoint.metrics  # continued, not redone (timings would differ)
-    resumed = load_file(run_dir / "out" / "adapter" / "adapter_model.safetensors")
-    reference = load_file(tmp_path / "uninterrupted" / "out" / "adapter" / "adapter_model.safetensors")
-    assert resumed.keys() == reference.keys()
-    for key, tensor in reference.items():
-        torch.testing.assert_close(resumed[key], tensor, atol=1e-6, rtol=1e-5)
+    assert_same_adapter(run_dir / "out", tmp_path / "uninterrupted" / "out")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,31 @@ def test_central_evaluation_every_n_rounds_and_the_last(tmp_path: Path) -> None:
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]  # every round is recorded (and checkpointed)
     assert [r["round"] for r in rounds if "server-eval" in r] == [0, 2, 3]
     assert all(r["server-eval"]["num-examples"] == 20 and r["server-eval-s"] > 0 for r in rounds if "server-eval" in r)
+
+
+class SilentGrid(FakeGrid):
+    """Sampled clients never answer: nodes that went away without the SuperLink noticing."""
+
+    pull_interval = 0.05
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        return [f"m{i}" for i in range(len(messages))]
+
+    def pull_messages(self, ids: set[str]) -> list[Message]:
+        return []
+
+
+@pytest.mark.slow  # a real ServerApp: model, data, two central evaluations
+@pytest.mark.usefixtures("flower_identity")
+def test_a_round_nobody_answers_ends_at_round_timeout(tmp_path: Path) -> None:
+    overrides = {"round-timeout": 0.5, "num-server-rounds": 1, "fraction-evaluate": 0.0, "output-dir": str(tmp_path)}
+    server = threading.Thread(target=run_server, args=(SilentGrid(), from_run_config({**BASE, **overrides})))
+    server.daemon = True  # without the timeout the round would wait Flower's 3600 s
+    server.start()
+    server.join(timeout=120)
+    assert not server.is_alive(), "the round did not end at round-timeout"
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["clients"] == {"train-sampled": 2, "train-replies": 0}
 
 
 def test_server_test_set_is_sorted_by_length() -> None:
