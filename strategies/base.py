@@ -39,6 +39,12 @@ worker node in one message (:mod:`fedlora.cohort.protocol`). The reply is cut
 back into one :class:`ClientReply` per virtual client, and from there on a
 virtual client's update is validated, counted and aggregated exactly like a
 node's; a strategy never sees the difference.
+
+With secure aggregation (``secagg.enabled``) or client-level differential
+privacy (``dp.clip-norm``) the server aggregates only a sum of updates
+(:mod:`fedlora.privacy`): a strategy allows it when its aggregate is a weighted
+sum of the clients' tensors (:meth:`AdapterStrategy.sum_refusal`), and then
+aggregates the one mean state it is given.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from logging import ERROR, INFO, WARNING
 from typing import Any, ClassVar
 
@@ -61,8 +68,11 @@ from torch import Tensor
 
 from fedlora.adapter import split_residual
 from fedlora.cohort import protocol
-from fedlora.config import ConfigError, RunConfig, RunSettings, StrategySettings
+from fedlora.config import ConfigError, DPSettings, RunConfig, RunSettings, SecAggSettings, StrategySettings
 from fedlora.keys import ARRAYS, CONFIG, NUM_EXAMPLES, PROFILE_QUESTION, RANK_KEY, SERVER_ROUND, TASK_KEY, is_lora_a
+from fedlora.privacy import dp
+from fedlora.privacy.rounds import SecureRound
+from fedlora.privacy.secagg import ProtocolError
 from fedlora.robust import average_metrics, capped_weights, robust_states, update_norm
 from fedlora.validation import InvalidUpdate, check_record_size, check_state, check_weight
 from fedlora.wire import from_record, record_nbytes, to_record
@@ -102,8 +112,9 @@ class AdapterStrategy(FedAvg):
     fewest good replies a round aggregates; ``max_update_norm``, the largest
     accepted L2 norm of a reply's update (0: no bound); ``max_weight_ratio``, the
     largest weight of a client relative to the round's median; ``robust`` and
-    ``trim_fraction``, the robust aggregation (:func:`fedlora.robust.robust_states`).
-    Defaults are the run config's.
+    ``trim_fraction``, the robust aggregation (:func:`fedlora.robust.robust_states`);
+    ``secagg`` and ``privacy``, secure aggregation and differential privacy
+    (None: off). Defaults are the run config's.
     """
 
     per_node: ClassVar[bool] = False  # True: ask nodes their profile and send each its own adapter
@@ -118,6 +129,8 @@ class AdapterStrategy(FedAvg):
         robust: str = StrategySettings.robust,
         trim_fraction: float = StrategySettings.trim_fraction,
         cohorts: Cohorts | None = None,
+        secagg: SecAggSettings | None = None,
+        privacy: DPSettings | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         # Flower's defaults, named explicitly: the client app reads the same keys (fedlora.keys)
@@ -130,6 +143,8 @@ class AdapterStrategy(FedAvg):
         self.max_weight_ratio = max_weight_ratio
         self.robust = robust
         self.trim_fraction = trim_fraction
+        self.secagg, self.privacy = secagg, privacy
+        self.secure: SecureRound | None = None  # this round's secure aggregation
         self.round_offset = 0  # rounds already done by an earlier, interrupted run
         self.global_state: dict[str, Tensor] = {}
         self.current_round = 0  # the round being trained, as clients are told (round_offset included)
@@ -144,6 +159,15 @@ class AdapterStrategy(FedAvg):
     def options(cls, cfg: RunConfig) -> dict[str, Any]:
         """Constructor arguments this strategy takes from the run config (default: none)."""
         return {}
+
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """Why this strategy cannot aggregate from a sum of updates (secure aggregation, DP); "" if it can.
+
+        It can when its aggregate of any states is their weighted mean, so the
+        mean alone (all the server learns) gives the same adapter. Default: no.
+        """
+        return "its aggregate is not the weighted mean of the clients' tensors, so it needs each of them"
 
     @abstractmethod
     def aggregate_states(
@@ -177,6 +201,10 @@ class AdapterStrategy(FedAvg):
         else:
             messages = super().configure_train(server_round, arrays, config, grid)
             sampled = len(messages)
+            if self.secagg:
+                exclude, count = partial(self._exclude_client, server_round), partial(self._count, server_round)
+                self.secure = SecureRound(self.secagg, grid, server_round, exclude, count)
+                messages = self.secure.open(list(messages))
         messages = self._count_down(server_round, messages)
         if sampled < self.min_replies:  # no round of this run could ever aggregate
             raise ConfigError(
@@ -307,6 +335,8 @@ class AdapterStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, aggregate the good ones, keep the global adapter if too few are good."""
         server_round += self.round_offset
+        if self.secagg or (self.privacy and self.privacy.clip_norm):
+            return self._aggregate_mean(server_round, self.client_replies(replies))
         accepted: list[ClientReply] = []
         states, weights, sents = [], [], []
         for reply in self.client_replies(replies):
@@ -342,12 +372,84 @@ class AdapterStrategy(FedAvg):
             log(ERROR, "round %d: aggregation failed, the global adapter stays as it was: %r", server_round, err)
             self._count(server_round, "failed-aggregations", 1)
             return None, None
+        return arrays, self._train_metrics(server_round, accepted, weights)
+
+    def _aggregate_mean(
+        self, server_round: int, replies: list[ClientReply]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Secure aggregation and/or DP: the new adapter from the (noisy) mean update alone.
+
+        Metrics are checked and averaged in the clear. Under secure aggregation
+        the mean comes from the protocol, else from the decoded replies, clipped
+        and noised here (:func:`fedlora.privacy.dp.noisy_mean`).
+        """
+        good: dict[int, ClientReply] = {}
+        weights: dict[int, float] = {}
+        for reply in replies:
+            try:
+                weights[reply.client] = self._weight(reply, expect_arrays=True)
+            except InvalidUpdate as err:
+                self._exclude(server_round, reply, str(err))
+                continue
+            good[reply.client] = reply
+        sent = split_residual(self.global_state)[0]  # every client was sent the global adapter
+        size = sum(t.numel() for t in sent.values())
+        try:
+            if self.secure:
+                contents = {c: r.content for c, r in good.items() if r.content is not None}
+                mean, included, noise_share = self.secure.close(contents, size)
+                self._count(server_round, "bytes-up", sum(record_nbytes(contents[c][self.arrayrecord_key])
+                                                          for c in included))  # fmt: skip
+            else:
+                updates = {}
+                for client, reply in good.items():
+                    try:
+                        updates[client] = dp.flatten_update(self.decode_reply(reply)[0], sent)
+                    except InvalidUpdate as err:
+                        self._exclude(server_round, reply, str(err))
+                        continue
+                    self._count(server_round, "bytes-up", record_nbytes(reply.content[self.arrayrecord_key]))
+                included, noise_share = list(updates), 1.0
+                if not updates:
+                    raise ProtocolError("no valid reply")
+                assert self.privacy is not None
+                mean = dp.noisy_mean(list(updates.values()), self.privacy.clip_norm, self.privacy.noise_multiplier)
+            if len(included) < self.min_replies:
+                raise ProtocolError(f"{len(included)} client(s) in the sum, fewer than min-replies={self.min_replies}")
+            state = self.aggregate_states(server_round, [dp.add_update(sent, mean)], [1.0])
+            arrays = to_record(state, self.wire_dtype)
+            self._check_global(from_record(arrays))
+        except Exception as err:  # a failed protocol or aggregation must not ship a broken adapter nor stop the run
+            log(ERROR, "round %d: aggregation failed, the global adapter stays as it was: %s", server_round, err)
+            self._count(server_round, "failed-aggregations", 1)
+            return None, None
+        if self.privacy and self.privacy.clip_norm:
+            self._account(server_round, self.privacy, noise_share)
+        accepted = [good[c] for c in included]
+        return arrays, self._train_metrics(server_round, accepted, [weights[c] for c in included])
+
+    def _account(self, server_round: int, privacy: DPSettings, noise_share: float) -> None:
+        """Record this round's noise multiplier and sampling rate, and ε after it (over every round so far)."""
+        entry = self.round_log[server_round]
+        connected = len(list(self._grid.get_node_ids())) if self._grid else len(self.sent)
+        # under secure aggregation each client adds a 1/n share of the noise: dropouts leave less of it
+        entry["dp-noise-multiplier"] = privacy.noise_multiplier * noise_share**0.5
+        entry["dp-sample-rate"] = min(1.0, len(self.sent) / max(connected, 1))
+        history = [(e["dp-noise-multiplier"], e["dp-sample-rate"]) for r, e in sorted(self.round_log.items())
+                   if r <= server_round and "dp-noise-multiplier" in e]  # fmt: skip
+        entry["dp-epsilon"] = dp.epsilon(history, privacy.delta)
+        entry["dp-delta"] = privacy.delta
+        log(INFO, "round %d: differential privacy (epsilon, delta) = (%.4g, %g) after %d round(s)", server_round,
+            entry["dp-epsilon"], privacy.delta, len(history))  # fmt: skip
+
+    def _train_metrics(self, server_round: int, accepted: list[ClientReply], weights: list[float]) -> MetricRecord:
+        """The accepted replies' averaged metrics, plus the round's numeric log entries (bytes, exclusions)."""
         metrics = MetricRecord(self._average_metrics(server_round, accepted, weights))
         self.round_log[server_round]["train"] = dict(metrics)
         for key, value in self.round_log[server_round].items():
             if isinstance(value, int | float):
                 metrics[key] = value
-        return arrays, metrics
+        return metrics
 
     def client_replies(self, replies: Iterable[Message]) -> list[ClientReply]:
         """One :class:`ClientReply` per client: per node, or per virtual client of each cohort reply.
@@ -456,7 +558,10 @@ class AdapterStrategy(FedAvg):
                 raise InvalidUpdate(f"residual of '{module}' contains NaN or Inf")
 
     def _exclude(self, server_round: int, reply: ClientReply, reason: str) -> None:
-        log(WARNING, "round %d: reply from %s excluded: %s", server_round, self._who(reply.client), reason)
+        self._exclude_client(server_round, reply.client, reason)
+
+    def _exclude_client(self, server_round: int, client: int, reason: str) -> None:
+        log(WARNING, "round %d: reply from %s excluded: %s", server_round, self._who(client), reason)
         self._count(server_round, "excluded-replies", 1)
 
     def _count_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:

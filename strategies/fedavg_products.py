@@ -20,12 +20,23 @@ from flwr.common.logger import log
 from torch import Tensor
 
 from fedlora.aggregation import average_states, product_average
+from fedlora.config import RunConfig
 from fedlora.keys import lora_pairs
 from strategies.base import AdapterStrategy
 
 
 class FedAvgProducts(AdapterStrategy):
     """Exact weighted average of B·A per layer, truncated to rank r by SVD."""
+
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """Only with LoRA-FA: A is frozen and shared, so mean(B_k·A) = mean(B_k)·A, a sum of the B's."""
+        if cfg.adapter.method == "lora-fa":
+            return ""
+        return (
+            "the mean of the products B_k·A_k needs each client's factors (it is not a function of the sums of the "
+            "A's and B's); with adapter.method=lora-fa A is frozen and shared, and it is"
+        )
 
     def aggregate_states(
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
