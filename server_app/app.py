@@ -72,7 +72,8 @@ class ProgressGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Push ``messages``, then pull replies until all are in or ``timeout`` seconds have passed."""
         messages = list(messages)
-        kind = messages[0].metadata.message_type if messages else ""
+        # counted by category: ``train.secagg`` (secure aggregation) is training, its stages are queries
+        kind = messages[0].metadata.message_type.split(".")[0] if messages else ""
         pending = set(self.grid.push_messages(messages))
         sent = len(pending)
         self.counts[f"{kind}-sampled"] += sent

@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import reply
+from e2e import check_run, simulate
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
+from test_simulation import TINY_RUN
 from test_strategies import lora_state
 
 from fedlora.config import ConfigError, DPSettings, SecAggSettings, from_run_config
@@ -270,8 +274,6 @@ def test_lora_fa_makes_product_averaging_a_sum() -> None:
 
 
 def plain_replies(states: dict[int, dict[str, np.ndarray]], weight: int = 4) -> list[Message]:
-    from conftest import reply
-
     return [reply(node, state, weight) for node, state in states.items()]
 
 
@@ -316,3 +318,28 @@ def test_epsilon_grows_with_rounds_as_the_accountant_says() -> None:
         accountant.step(noise_multiplier=1.1, sample_rate=0.5)
         assert expected == pytest.approx(accountant.get_epsilon(1e-5))
     assert epsilons[0] < epsilons[1] < epsilons[2]
+
+
+# --- end to end ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_flwr_run_with_secure_aggregation_and_a_dropout(tmp_path: Path, tiny_llama: Path) -> None:
+    """Three clients; the one of partition 2 leaves after its masked upload every round: the sum is still recovered."""
+    overrides, rounds = simulate(
+        tmp_path,
+        {
+            **TINY_RUN,
+            "model.name": str(tiny_llama),
+            "min-train-nodes": 3,
+            "secagg.enabled": True,
+            "secagg.dropout-fraction": 0.4,
+            "secagg.simulate-dropout": "unmask:2",
+        },
+    )
+    check_run(overrides, rounds, "eval-perplexity")
+    for entry in rounds[1:]:
+        assert entry["secagg-late-dropouts"] == 1
+        assert entry["clients"]["train-replies"] == 3 and entry["clients"]["query-replies"] == 3 * 3 - 1
+        assert entry["secagg-bytes-down"] > 0 and entry["secagg-bytes-up"] > 0
