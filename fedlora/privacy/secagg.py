@@ -398,7 +398,7 @@ class ServerSession:
         found = [s for s in shares if isinstance(s, bytes)]
         if len(found) < self.threshold:
             raise ProtocolError(f"{len(found)} share(s) of client {client}'s {what}, fewer than {self.threshold}")
-        try:
-            return combine_shares(found)
+        try:  # any threshold of them determine the secret; the caller checks it against its commitment or key
+            return combine_shares(found[: self.threshold])
         except (ValueError, IndexError) as err:
             raise ProtocolError(f"client {client}'s {what} cannot be rebuilt from its shares: {err}") from err
