@@ -41,7 +41,7 @@ from fedlora.adapter import adapter_state
 from fedlora.config import DPSettings, SecAggSettings, from_run_config
 from fedlora.keys import ARRAYS, METRICS, NUM_EXAMPLES, SECAGG_KEYS, SECAGG_SHARES, SECAGG_TRAIN, SECAGG_UNMASK
 from fedlora.privacy import rounds
-from fedlora.wire import from_record, record_nbytes, to_record
+from fedlora.wire import from_record, to_record
 from simulations.run import ROOT, machine_lock
 from strategies import FedAvgFactors
 

@@ -12,21 +12,22 @@ import pytest
 import torch
 from conftest import reply
 from e2e import check_run, simulate
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from opacus.accountants import RDPAccountant
 from test_simulation import TINY_RUN
 from test_strategies import lora_state
 
 from fedlora.config import ConfigError, DPSettings, SecAggSettings, from_run_config
-from fedlora.keys import ARRAYS, METRICS, NUM_EXAMPLES, SECAGG_KEYS, SECAGG_SHARES, SECAGG_TRAIN, SECAGG_UNMASK
-from fedlora.privacy import dp, rounds, secagg
+from fedlora.keys import ARRAYS, SECAGG_TRAIN
+from fedlora.privacy import dp, secagg
 from fedlora.privacy.secagg import ProtocolError, ServerSession
 from fedlora.wire import from_record, to_record
+from simulations.bench_privacy import ProtocolGrid
 from strategies import FedAvgFactors, build_strategy
 
 CLIP, LEVELS = 1.0, 2**22
 BOUND = 2 * CLIP / LEVELS  # the secure mean is within this of the plain one, per value
+SETTINGS = SecAggSettings(enabled=True, dropout_fraction=0.4)
 
 
 def protocol(
@@ -153,50 +154,6 @@ def test_secagg_plus_graph_is_symmetric_and_k_regular() -> None:
 # --- through the strategy and Flower messages ---------------------------------------------------------------------
 
 
-class LocalGrid:
-    """A Grid whose nodes run fedlora's secure-aggregation client functions in this process.
-
-    A node's training adds its ``updates`` entry to what it was sent; ``fail`` names, per action, the nodes
-    whose call fails (as a crashed client's does).
-    """
-
-    def __init__(self, updates: dict[int, dict[str, np.ndarray]], weights: dict[int, int], **fail: set[int]) -> None:
-        self.updates, self.weights, self.fail = updates, weights, fail
-        self.states = {node: RecordDict() for node in updates}  # each node's Flower context.state
-        self.settings, self.privacy = SecAggSettings(enabled=True, dropout_fraction=0.4), DPSettings()
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.updates)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            TaskIdentity.node_id = node
-            action = message.metadata.message_type.partition(".")[2]
-            if node in self.fail.get(action, set()):
-                replies.append(Message(Error(code=1, reason="node went away"), reply_to=message))
-                continue
-            replies.append(Message(content=self.answer(action, node, message.content), reply_to=message))
-        return replies
-
-    def answer(self, action: str, node: int, content: RecordDict) -> RecordDict:
-        state = self.states[node]
-        if action == SECAGG_KEYS:
-            return rounds.answer_keys(content, state)
-        if action == SECAGG_SHARES:
-            return rounds.answer_shares(content, state)
-        if action == SECAGG_UNMASK:
-            return rounds.answer_unmask(content, state)
-        assert action == SECAGG_TRAIN
-        sent = from_record(content[ARRAYS])
-        trained = {k: v + torch.from_numpy(self.updates[node][k]) for k, v in sent.items()}
-        reply = RecordDict(
-            {ARRAYS: to_record(trained), METRICS: MetricRecord({NUM_EXAMPLES: self.weights[node], "train-loss": 1.0})}
-        )
-        return rounds.masked_reply(content, reply, sent, from_record(reply[ARRAYS]), state, self.settings, self.privacy)
-
-
 def small_updates(nodes: Iterable[int]) -> dict[int, dict[str, np.ndarray]]:
     gen = np.random.default_rng(9)
     return {n: {k: gen.uniform(-0.1, 0.1, v.shape).astype(np.float32) for k, v in lora_state(0).items()} for n in nodes}
@@ -212,7 +169,7 @@ def test_a_secure_round_of_the_strategy_matches_plain_fedavg_despite_dropouts(
 ) -> None:
     nodes = [11, 12, 13, 14, 15]
     updates, weights = small_updates(nodes), dict(zip(nodes, [3, 1, 4, 1, 5], strict=True))
-    grid = LocalGrid(updates, weights, secagg=set([12]), secagg_unmask=set([14]))
+    grid = ProtocolGrid(updates, weights, SETTINGS, secagg={12}, secagg_unmask={14})
     strategy = FedAvgFactors(min_train_nodes=5, min_available_nodes=5, secagg=grid.settings)
     messages = strategy.configure_train(1, global_arrays(), ConfigRecord(), grid)
     assert {m.metadata.message_type for m in messages} == {f"train.{SECAGG_TRAIN}"}
@@ -234,7 +191,7 @@ def test_a_secure_round_of_the_strategy_matches_plain_fedavg_despite_dropouts(
 def test_a_malformed_masked_reply_is_excluded_and_the_round_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     nodes = [1, 2, 3, 4, 5]
     updates, weights = small_updates(nodes), dict.fromkeys(nodes, 2)
-    grid = LocalGrid(updates, weights)
+    grid = ProtocolGrid(updates, weights, SETTINGS)
     strategy = FedAvgFactors(min_train_nodes=5, min_available_nodes=5, secagg=grid.settings)
     replies = grid.send_and_receive(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
     bad = next(r for r in replies if r.metadata.src_node_id == 3).content[ARRAYS]
@@ -281,9 +238,10 @@ def plain_replies(states: dict[int, dict[str, np.ndarray]], weight: int = 4) -> 
 def test_dp_without_noise_or_binding_clip_is_the_plain_run() -> None:
     states = {n: {k: v + u[k] for k, v in lora_state(0).items()} for n, u in small_updates([11, 12, 13]).items()}
     results = []
+    grid = ProtocolGrid(small_updates([11, 12, 13]), {}, SETTINGS)
     for privacy in (None, DPSettings(clip_norm=1e6, noise_multiplier=0.0)):
         strategy = FedAvgFactors(min_train_nodes=3, min_available_nodes=3, privacy=privacy)
-        strategy.configure_train(1, global_arrays(), ConfigRecord(), LocalGrid(small_updates([11, 12, 13]), {}))
+        strategy.configure_train(1, global_arrays(), ConfigRecord(), grid)
         arrays, metrics = strategy.aggregate_train(1, plain_replies(states))
         results.append(from_record(arrays))
     for key in results[0]:
@@ -305,7 +263,7 @@ def test_epsilon_grows_with_rounds_as_the_accountant_says() -> None:
     strategy = FedAvgFactors(
         min_train_nodes=2, min_available_nodes=2, fraction_train=0.5, privacy=DPSettings(1.0, 1.1, 1e-5)
     )
-    grid = LocalGrid(small_updates(nodes), {})
+    grid = ProtocolGrid(small_updates(nodes), {}, SETTINGS)
     epsilons = []
     for server_round in (1, 2, 3):
         messages = strategy.configure_train(server_round, global_arrays(), ConfigRecord(), grid)
