@@ -301,3 +301,19 @@ def test_flwr_run_with_secure_aggregation_and_a_dropout(tmp_path: Path, tiny_lla
         assert entry["secagg-late-dropouts"] == 1
         assert entry["clients"]["train-replies"] == 3 and entry["clients"]["query-replies"] == 3 * 3 - 1
         assert entry["secagg-bytes-down"] > 0 and entry["secagg-bytes-up"] > 0
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_dp_under_secure_aggregation_without_noise_is_the_plain_equal_weight_mean() -> None:
+    nodes = [1, 2, 3, 4, 5]
+    updates = small_updates(nodes)
+    privacy = DPSettings(clip_norm=1e6, noise_multiplier=0.0)
+    grid = ProtocolGrid(updates, dict(zip(nodes, [1, 2, 3, 4, 50], strict=True)), SETTINGS, privacy)
+    strategy = FedAvgFactors(min_train_nodes=5, min_available_nodes=5, secagg=SETTINGS, privacy=privacy)
+    arrays, metrics = strategy.aggregate_train(
+        1, grid.send_and_receive(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
+    )
+    out = from_record(arrays)
+    for key, value in lora_state(0).items():  # equal weights under DP, whatever the examples
+        np.testing.assert_allclose(out[key].numpy(), value + np.mean([updates[n][key] for n in nodes], 0), atol=BOUND)
+    assert metrics["dp-epsilon"] == float("inf") and metrics["dp-noise-multiplier"] == 0.0
