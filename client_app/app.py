@@ -21,6 +21,11 @@ With ``cohort.clients`` set, a message may carry a *cohort* of virtual clients
 them as the client it names (its partition id), together in one batched pass
 where the method allows (:mod:`fedlora.cohort.train`) and one after another
 otherwise, and replies with one update per virtual client.
+
+With ``secagg.enabled`` the client also answers the stages of secure
+aggregation (:mod:`fedlora.privacy.rounds`): ``query.secagg_keys``,
+``query.secagg_shares``, ``train.secagg`` (train, then reply with the masked
+update instead of the adapter) and ``query.secagg_unmask``.
 """
 
 from __future__ import annotations
@@ -53,7 +58,22 @@ from fedlora.adapter import (
 from fedlora.cohort import protocol, sequential_reason
 from fedlora.cohort.train import CohortMember, train_cohort
 from fedlora.config import RunConfig, client_rank, client_task, for_task, from_run_config, task_names
-from fedlora.keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PROFILE, RANK_KEY, RANK_PATTERN, SERVER_ROUND, TASK_KEY
+from fedlora.keys import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PROFILE,
+    RANK_KEY,
+    RANK_PATTERN,
+    SECAGG_KEYS,
+    SECAGG_SHARES,
+    SECAGG_TRAIN,
+    SECAGG_UNMASK,
+    SERVER_ROUND,
+    TASK_KEY,
+)
+from fedlora.privacy import rounds
 from fedlora.training import evaluate, round_lr, train_steps
 from fedlora.wire import from_record, to_record
 
@@ -320,3 +340,42 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
         members, failed = _cohort(msg, from_run_config(context.run_config))
         return Message(content=protocol.reply({**failed, **_each(members, _evaluate)}), reply_to=msg)
     return Message(content=_evaluate(_single(msg, context)), reply_to=msg)
+
+
+def _secagg_stage(
+    msg: Message, context: Context, stage: str, answer: Callable[[RecordDict, RecordDict], RecordDict]
+) -> Message:
+    """One query stage of secure aggregation, its secrets kept in the node's ``context.state``."""
+    rounds.simulate_dropout(from_run_config(context.run_config).secagg, _node_data(context.node_config)[0], stage)
+    return Message(content=answer(msg.content, context.state), reply_to=msg)
+
+
+@app.query(SECAGG_KEYS)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 1: this round's public keys."""
+    return _secagg_stage(msg, context, "keys", rounds.answer_keys)
+
+
+@app.query(SECAGG_SHARES)
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 2: encrypted shares of this client's secrets for its neighbours."""
+    return _secagg_stage(msg, context, "shares", rounds.answer_shares)
+
+
+@app.train(SECAGG_TRAIN)
+def secagg_train(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 3: one round of local training; the reply carries the masked update only."""
+    started = time.monotonic()
+    got = _single(msg, context)
+    rounds.simulate_dropout(got.cfg.secagg, _node_data(context.node_config)[0], "train")
+    content = train_alone(got, started)
+    masked = rounds.masked_reply(
+        msg.content, content, got.sent, from_record(content[ARRAYS]), context.state, got.cfg.secagg, got.cfg.dp
+    )
+    return Message(content=masked, reply_to=msg)
+
+
+@app.query(SECAGG_UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 4: the shares the server needs to remove the masks."""
+    return _secagg_stage(msg, context, "unmask", rounds.answer_unmask)

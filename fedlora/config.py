@@ -398,6 +398,62 @@ class WireSettings:
 
 
 @dataclass(frozen=True)
+class SecAggSettings:
+    """Secure aggregation of the training replies: SecAgg+ on the Message API (docs/privacy.md)."""
+
+    enabled: bool = _opt(
+        False,
+        "The server learns only the sum of the clients' weighted updates, never one client's adapter "
+        "(SecAgg+, Bell et al. 2020; three extra message exchanges per round). Needs a strategy whose aggregate is "
+        "a weighted sum (`fedavg-factors`; `fedavg-products` with `lora-fa`), `strategy.robust = none` and no "
+        "`cohort.clients`.",
+    )
+    num_shares: int = _opt(
+        0,
+        "Neighbours of each client in SecAgg+'s random graph: it shares its secrets with, and masks against, "
+        "only these; 0 (or at least the clients sampled minus one): everyone (SecAgg).",
+    )
+    dropout_fraction: float = _opt(
+        0.2,
+        "Fraction of a client's share holders that may drop out and the round still unmasks the sum; the "
+        "reconstruction threshold is holders - floor(fraction × holders), kept above half (so below 0.5).",
+    )
+    clip_range: float = _opt(
+        1.0,
+        "Each update value is clipped to [-clip-range, clip-range] before quantisation; keep it above the "
+        "largest update value (with `dp.clip-norm` set, that bound is `dp.clip-norm`).",
+    )
+    quantization_range: int = _opt(
+        4194304,
+        "Quantisation levels T over [-clip-range, clip-range]: the secure mean is within 2·clip-range/T of the "
+        "plain one per value; T × the total weight must stay below 2^64.",
+    )
+    simulate_dropout: str = _opt(
+        "",
+        "Testing only: `stage:partition-id` pairs (`keys`, `shares`, `train`, `unmask`), comma-separated; that "
+        "client fails at that stage, to exercise dropout recovery in simulation. Empty in a deployment.",
+    )
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Client-level differential privacy with an RDP accountant (docs/privacy.md)."""
+
+    clip_norm: float = _opt(
+        0.0,
+        "Clip each client's update (received minus sent, over every tensor it sends: both factors for LoRA, B and "
+        "the head for LoRA-FA) to this L2 norm, aggregate with equal weights and add Gaussian noise of "
+        "`dp.noise-multiplier` × this to the sum; 0: off. Same strategies as `secagg.enabled`.",
+    )
+    noise_multiplier: float = _opt(
+        0.0,
+        "Standard deviation of the noise on the sum of clipped updates, in units of `dp.clip-norm`. Added by the "
+        "server to the sum, or with `secagg.enabled` by the clients, each a 1/sqrt(n) share.",
+    )
+    delta: float = _opt(1e-5, "The delta of the (epsilon, delta) reported per round (`dp-epsilon` in metrics.json).")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """All settings of a fedlora run; build it with :func:`from_run_config`."""
 
@@ -415,6 +471,8 @@ class RunConfig:
     cohort: CohortSettings = field(default_factory=CohortSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     wire: WireSettings = field(default_factory=WireSettings)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    dp: DPSettings = field(default_factory=DPSettings)
 
 
 def _key(section: str, name: str) -> str:
@@ -554,6 +612,14 @@ def _check_ranges(cfg: RunConfig) -> None:
         "eval.batch-size": cfg.eval.batch_size >= 1,
         "cohort.clients": cfg.cohort.clients >= 0,
         "cohort.size": cfg.cohort.size >= 1 and (cfg.cohort.clients == 0 or cfg.cohort.size <= cfg.cohort.clients),
+        "secagg.num-shares": cfg.secagg.num_shares >= 0,
+        "secagg.dropout-fraction": 0 <= cfg.secagg.dropout_fraction < 0.5,
+        "secagg.clip-range": 0 < cfg.secagg.clip_range < math.inf,
+        "secagg.quantization-range": 2 <= cfg.secagg.quantization_range < 2**31,
+        "dp.clip-norm": 0 <= cfg.dp.clip_norm < math.inf,
+        "dp.noise-multiplier": 0 <= cfg.dp.noise_multiplier < math.inf
+        and (cfg.dp.noise_multiplier == 0 or cfg.dp.clip_norm > 0),
+        "dp.delta": 0 < cfg.dp.delta < 1,
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:

@@ -136,3 +136,21 @@ RANK_KEY, TASK_KEY = "lora-rank", "task"
 
 PROFILE, PROFILE_QUESTION = "profile", "ask"
 """The profile query: the ConfigRecord of the client's answer, and the entry listing what the server asks."""
+
+SECAGG = "secagg"
+"""Secure aggregation (SecAgg+): the ConfigRecord of every stage's instruction and answer, and of a client's state."""
+
+SECAGG_KEYS, SECAGG_SHARES, SECAGG_TRAIN, SECAGG_UNMASK = "secagg_keys", "secagg_shares", "secagg", "secagg_unmask"
+"""The stages' actions: ``query.secagg_keys``, ``query.secagg_shares``, ``train.secagg``, ``query.secagg_unmask``."""
+
+MASKED = "masked"
+"""The array of a secure training reply's ArrayRecord: the masked, quantised, weighted update (``uint64``)."""
+
+SA_INDEX, SA_THRESHOLD, SA_PEERS, SA_CLIENTS = "index", "threshold", "peers", "clients"
+"""Stage entries: the client's index in the round, the shares needed, its neighbours, the clients in the sum."""
+
+SA_ENCRYPTION_KEY, SA_MASK_KEY, SA_SHARES, SA_COMMITMENT = "encryption-key", "mask-key", "shares", "commitment"
+"""Stage entries: the public keys (one per neighbour in an instruction), encrypted or plain shares, b's hash."""
+
+SA_REJECTED, SA_REASONS, SA_ALIVE, SA_DROPPED, SA_STATE = "rejected", "reasons", "alive", "dropped", "state"
+"""Stage entries: neighbours whose share was bad and why; whose seeds / keys to reveal; the client's kept secrets."""

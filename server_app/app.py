@@ -74,7 +74,8 @@ class ProgressGrid:
         messages = list(messages)
         if not messages:  # e.g. no client evaluation (fraction-evaluate=0): nothing to count or wait for
             return []
-        kind = messages[0].metadata.message_type
+        # counted by category: ``train.secagg`` (secure aggregation) is training, its stages are queries
+        kind = messages[0].metadata.message_type.split(".")[0]
         pending = set(self.grid.push_messages(messages))
         sent = len(pending)
         self.counts[f"{kind}-sampled"] += sent

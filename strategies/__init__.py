@@ -81,9 +81,29 @@ def _top_level_names(source: Path) -> set[str]:
     return names
 
 
+def check_private(cfg: RunConfig, cls: type[AdapterStrategy]) -> None:
+    """Secure aggregation and DP leave the server a sum of updates: refuse what needs each client's update."""
+    on = [key for key, value in (("secagg.enabled", cfg.secagg.enabled), ("dp.clip-norm", cfg.dp.clip_norm)) if value]
+    if not on:
+        return
+    problems = []
+    if reason := cls.sum_refusal(cfg):
+        problems.append(f"strategy.name='{cfg.strategy.name}' cannot run on a sum of updates: {reason}")
+    if cfg.strategy.robust != "none":
+        problems.append(
+            f"strategy.robust='{cfg.strategy.robust}' needs each client's update (a median, a trimmed mean, "
+            "a norm ranking), which the server no longer sees or which would change the DP sensitivity"
+        )
+    if cfg.cohort.clients:
+        problems.append("cohort.clients (virtual clients) is not supported with them yet")
+    if problems:
+        raise ConfigError(f"{' and '.join(on)}: " + "; ".join(problems))
+
+
 def build_strategy(cfg: RunConfig) -> AdapterStrategy:
     """The strategy named by ``strategy.name``, with the run's sampling settings and its own options."""
     cls = strategy_class(cfg.strategy.name)
+    check_private(cfg, cls)
     server_optimizer = None
     if cfg.strategy.server_optimizer != "none":
         if reason := cls.server_optimizer_refusal(cfg):
@@ -117,6 +137,8 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
         robust=cfg.strategy.robust,
         trim_fraction=cfg.strategy.trim_fraction,
         server_optimizer=server_optimizer,
+        secagg=cfg.secagg if cfg.secagg.enabled else None,
+        privacy=cfg.dp if cfg.dp.clip_norm else None,
         **cls.options(cfg),
     )
 

@@ -44,6 +44,12 @@ worker node in one message (:mod:`fedlora.cohort.protocol`). The reply is cut
 back into one :class:`ClientReply` per virtual client, and from there on a
 virtual client's update is validated, counted and aggregated exactly like a
 node's; a strategy never sees the difference.
+
+With secure aggregation (``secagg.enabled``) or client-level differential
+privacy (``dp.clip-norm``) the server aggregates only a sum of updates
+(:mod:`fedlora.privacy`): a strategy allows it when its aggregate is a weighted
+sum of the clients' tensors (:meth:`AdapterStrategy.sum_refusal`), and then
+aggregates the one mean state it is given.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from logging import ERROR, INFO, WARNING
 from typing import Any, ClassVar
 
@@ -66,8 +73,11 @@ from torch import Tensor
 
 from fedlora.adapter import split_residual
 from fedlora.cohort import protocol
-from fedlora.config import ConfigError, RunConfig, RunSettings, StrategySettings
+from fedlora.config import ConfigError, DPSettings, RunConfig, RunSettings, SecAggSettings, StrategySettings
 from fedlora.keys import ARRAYS, CONFIG, NUM_EXAMPLES, PROFILE_QUESTION, RANK_KEY, SERVER_ROUND, TASK_KEY, is_lora_a
+from fedlora.privacy import dp
+from fedlora.privacy.rounds import SecureRound
+from fedlora.privacy.secagg import ProtocolError
 from fedlora.robust import average_metrics, capped_weights, robust_states, update_norm
 from fedlora.server_opt import Moments, ServerOptimizer, server_step
 from fedlora.validation import InvalidUpdate, check_record_size, check_state, check_weight
@@ -110,7 +120,8 @@ class AdapterStrategy(FedAvg):
     largest weight of a client relative to the round's median; ``robust`` and
     ``trim_fraction``, the robust aggregation (:func:`fedlora.robust.robust_states`);
     ``server_optimizer``, the server's step on the aggregate (None: the aggregate as is).
-    Defaults are the run config's.
+    ``secagg`` and ``privacy``, secure aggregation and differential privacy
+    (None: off). Defaults are the run config's.
     """
 
     per_node: ClassVar[bool] = False  # True: ask nodes their profile and send each its own adapter
@@ -126,6 +137,8 @@ class AdapterStrategy(FedAvg):
         trim_fraction: float = StrategySettings.trim_fraction,
         cohorts: Cohorts | None = None,
         server_optimizer: ServerOptimizer | None = None,
+        secagg: SecAggSettings | None = None,
+        privacy: DPSettings | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         # Flower's defaults, named explicitly: the client app reads the same keys (fedlora.keys)
@@ -140,6 +153,8 @@ class AdapterStrategy(FedAvg):
         self.trim_fraction = trim_fraction
         self.server_optimizer = server_optimizer
         self.moments = Moments()  # the server optimiser's state (not checkpointed: a resumed run restarts it)
+        self.secagg, self.privacy = secagg, privacy
+        self.secure: SecureRound | None = None  # this round's secure aggregation
         self.round_offset = 0  # rounds already done by an earlier, interrupted run
         self.global_state: dict[str, Tensor] = {}
         self.current_round = 0  # the round being trained, as clients are told (round_offset included)
@@ -163,6 +178,15 @@ class AdapterStrategy(FedAvg):
     def server_keys(self) -> list[str]:
         """The tensors the server optimiser steps (default: every tensor of the global adapter but a residual)."""
         return list(split_residual(self.global_state)[0])
+
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """Why this strategy cannot aggregate from a sum of updates (secure aggregation, DP); "" if it can.
+
+        It can when its aggregate of any states is their weighted mean, so the
+        mean alone (all the server learns) gives the same adapter. Default: no.
+        """
+        return "its aggregate is not the weighted mean of the clients' tensors, so it needs each of them"
 
     @abstractmethod
     def aggregate_states(
@@ -196,6 +220,10 @@ class AdapterStrategy(FedAvg):
         else:
             messages = super().configure_train(server_round, arrays, config, grid)
             sampled = len(messages)
+            if self.secagg:
+                exclude, count = partial(self._exclude_client, server_round), partial(self._count, server_round)
+                self.secure = SecureRound(self.secagg, grid, server_round, exclude, count)
+                messages = self.secure.open(list(messages))
         messages = self._count_down(server_round, messages)
         if sampled < self.min_replies:  # no round of this run could ever aggregate
             raise ConfigError(
@@ -326,6 +354,8 @@ class AdapterStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, aggregate the good ones, keep the global adapter if too few are good."""
         server_round += self.round_offset
+        if self.secagg or (self.privacy and self.privacy.clip_norm):
+            return self._aggregate_mean(server_round, self.client_replies(replies))
         accepted: list[ClientReply] = []
         states, weights, sents = [], [], []
         for reply in self.client_replies(replies):
@@ -355,12 +385,7 @@ class AdapterStrategy(FedAvg):
         weights = capped_weights(weights, self.max_weight_ratio)
         try:
             robust = robust_states(states, sents, self.robust, self.trim_fraction)
-            new_state = self.aggregate_states(server_round, robust, weights)
-            moments = self.moments
-            if self.server_optimizer:
-                new_state, moments = server_step(
-                    self.server_optimizer, moments, self.global_state, new_state, self.server_keys()
-                )
+            new_state, moments = self._server_step(self.aggregate_states(server_round, robust, weights))
             arrays = to_record(new_state, self.wire_dtype)
             self._check_global(from_record(arrays))  # as it travels: a float16 wire turns 1e5 into inf
             self.moments = moments  # kept only with the adapter they produced
@@ -368,12 +393,91 @@ class AdapterStrategy(FedAvg):
             log(ERROR, "round %d: aggregation failed, the global adapter stays as it was: %r", server_round, err)
             self._count(server_round, "failed-aggregations", 1)
             return None, None
+        return arrays, self._train_metrics(server_round, accepted, weights)
+
+    def _server_step(self, new_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], Moments]:
+        """The server optimiser's step from the global adapter towards ``new_state`` (none: ``new_state``)."""
+        if not self.server_optimizer:
+            return new_state, self.moments
+        return server_step(self.server_optimizer, self.moments, self.global_state, new_state, self.server_keys())
+
+    def _aggregate_mean(
+        self, server_round: int, replies: list[ClientReply]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Secure aggregation and/or DP: the new adapter from the (noisy) mean update alone.
+
+        Metrics are checked and averaged in the clear. Under secure aggregation
+        the mean comes from the protocol, else from the decoded replies, clipped
+        and noised here (:func:`fedlora.privacy.dp.noisy_mean`).
+        """
+        good: dict[int, ClientReply] = {}
+        weights: dict[int, float] = {}
+        for reply in replies:
+            try:
+                weights[reply.client] = self._weight(reply, expect_arrays=True)
+            except InvalidUpdate as err:
+                self._exclude(server_round, reply, str(err))
+                continue
+            good[reply.client] = reply
+        sent = split_residual(self.global_state)[0]  # every client was sent the global adapter
+        size = sum(t.numel() for t in sent.values())
+        try:
+            if self.secure:
+                contents = {c: r.content for c, r in good.items() if r.content is not None}
+                mean, included, noise_share = self.secure.close(contents, size)
+                self._count(server_round, "bytes-up", sum(record_nbytes(contents[c][self.arrayrecord_key])
+                                                          for c in included))  # fmt: skip
+            else:
+                updates = {}
+                for client, reply in good.items():
+                    try:
+                        updates[client] = dp.flatten_update(self.decode_reply(reply)[0], sent)
+                    except InvalidUpdate as err:
+                        self._exclude(server_round, reply, str(err))
+                        continue
+                    self._count(server_round, "bytes-up", record_nbytes(reply.content[self.arrayrecord_key]))
+                included, noise_share = list(updates), 1.0
+                if not updates:
+                    raise ProtocolError("no valid reply")
+                assert self.privacy is not None
+                mean = dp.noisy_mean(list(updates.values()), self.privacy.clip_norm, self.privacy.noise_multiplier)
+            if len(included) < self.min_replies:
+                raise ProtocolError(f"{len(included)} client(s) in the sum, fewer than min-replies={self.min_replies}")
+            state, moments = self._server_step(self.aggregate_states(server_round, [dp.add_update(sent, mean)], [1.0]))
+            arrays = to_record(state, self.wire_dtype)
+            self._check_global(from_record(arrays))
+            self.moments = moments
+        except Exception as err:  # a failed protocol or aggregation must not ship a broken adapter nor stop the run
+            log(ERROR, "round %d: aggregation failed, the global adapter stays as it was: %s", server_round, err)
+            self._count(server_round, "failed-aggregations", 1)
+            return None, None
+        if self.privacy and self.privacy.clip_norm:
+            self._account(server_round, self.privacy, noise_share)
+        accepted = [good[c] for c in included]
+        return arrays, self._train_metrics(server_round, accepted, [weights[c] for c in included])
+
+    def _account(self, server_round: int, privacy: DPSettings, noise_share: float) -> None:
+        """Record this round's noise multiplier and sampling rate, and ε after it (over every round so far)."""
+        entry = self.round_log[server_round]
+        connected = len(list(self._grid.get_node_ids())) if self._grid else len(self.sent)
+        # under secure aggregation each client adds a 1/n share of the noise: dropouts leave less of it
+        entry["dp-noise-multiplier"] = privacy.noise_multiplier * noise_share**0.5
+        entry["dp-sample-rate"] = min(1.0, len(self.sent) / max(connected, 1))
+        history = [(e["dp-noise-multiplier"], e["dp-sample-rate"]) for r, e in sorted(self.round_log.items())
+                   if r <= server_round and "dp-noise-multiplier" in e]  # fmt: skip
+        entry["dp-epsilon"] = dp.epsilon(history, privacy.delta)
+        entry["dp-delta"] = privacy.delta
+        log(INFO, "round %d: differential privacy (epsilon, delta) = (%.4g, %g) after %d round(s)", server_round,
+            entry["dp-epsilon"], privacy.delta, len(history))  # fmt: skip
+
+    def _train_metrics(self, server_round: int, accepted: list[ClientReply], weights: list[float]) -> MetricRecord:
+        """The accepted replies' averaged metrics, plus the round's numeric log entries (bytes, exclusions)."""
         metrics = MetricRecord(self._average_metrics(server_round, accepted, weights))
         self.round_log[server_round]["train"] = dict(metrics)
         for key, value in self.round_log[server_round].items():
             if isinstance(value, int | float):
                 metrics[key] = value
-        return arrays, metrics
+        return metrics
 
     def client_replies(self, replies: Iterable[Message]) -> list[ClientReply]:
         """One :class:`ClientReply` per client: per node, or per virtual client of each cohort reply.
@@ -482,7 +586,10 @@ class AdapterStrategy(FedAvg):
                 raise InvalidUpdate(f"residual of '{module}' contains NaN or Inf")
 
     def _exclude(self, server_round: int, reply: ClientReply, reason: str) -> None:
-        log(WARNING, "round %d: reply from %s excluded: %s", server_round, self._who(reply.client), reason)
+        self._exclude_client(server_round, reply.client, reason)
+
+    def _exclude_client(self, server_round: int, client: int, reason: str) -> None:
+        log(WARNING, "round %d: reply from %s excluded: %s", server_round, self._who(client), reason)
         self._count(server_round, "excluded-replies", 1)
 
     def _count_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:

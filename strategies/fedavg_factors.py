@@ -12,11 +12,17 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedlora.aggregation import average_states
+from fedlora.config import RunConfig
 from strategies.base import AdapterStrategy
 
 
 class FedAvgFactors(AdapterStrategy):
     """Weighted average of every adapter tensor, factor by factor."""
+
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """None: the weighted mean of each tensor is a weighted sum, all secure aggregation reveals."""
+        return ""
 
     def aggregate_states(
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]

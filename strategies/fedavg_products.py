@@ -37,6 +37,16 @@ class FedAvgProducts(AdapterStrategy):
             "dense d×k moments per layer"
         )
 
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """Only with LoRA-FA: A is frozen and shared, so mean(B_k·A) = mean(B_k)·A, a sum of the B's."""
+        if cfg.adapter.method == "lora-fa":
+            return ""
+        return (
+            "the mean of the products B_k·A_k needs each client's factors (it is not a function of the sums of the "
+            "A's and B's); with adapter.method=lora-fa A is frozen and shared, and it is"
+        )
+
     def aggregate_states(
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
     ) -> dict[str, Tensor]:

@@ -1,0 +1,1 @@
+"""Privacy of client updates: secure aggregation (:mod:`.secagg`, :mod:`.rounds`), differential privacy (:mod:`.dp`)."""
