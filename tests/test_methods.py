@@ -34,13 +34,14 @@ EXPECTED_KINDS = {
     "mtlora": {"lora_A", "lora_B"},  # the shared adapter's and the active task's
     "loramoe": {"lora_A", "lora_B", "moe_router"},  # every expert's factors and each layer's router
     "delta-lora": {"lora_A", "lora_B"},  # the base deltas travel down as a residual, never up
+    "longlora": {"lora_A", "lora_B", "modules_to_save"},  # and the embedding and norm copies
     "vera": {"vera_lambda_b", "vera_lambda_d"},
     "prompt-tuning": {"embedding"},
     "p-tuning": {"embedding", "mlp_head"},
     "prefix-tuning": {"embedding"},
 }
 KIND = re.compile(
-    r"(lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d|embedding|mlp_head|transform|moe_router)"
+    r"(lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d|embedding|mlp_head|transform|moe_router|modules_to_save)"
 )
 
 # Learning rates that move each method's loss within a couple of rounds on the tiny model.

@@ -11,6 +11,7 @@ from fedlora.methods.adalora import AdaLora
 from fedlora.methods.base import AdapterMethod
 from fedlora.methods.delta_lora import DeltaLora
 from fedlora.methods.dora import Dora
+from fedlora.methods.longlora import LongLora
 from fedlora.methods.lora import Lora
 from fedlora.methods.lora_fa import LoraFA
 from fedlora.methods.loramoe import LoraMoE
@@ -32,6 +33,7 @@ METHODS: dict[str, AdapterMethod] = {
         MTLora(),
         LoraMoE(),
         DeltaLora(),
+        LongLora(),
         Vera(),
         PromptTuning(),
         PTuning(),
