@@ -40,10 +40,18 @@ def test_one_group_as_long_as_the_sequence_is_full_attention(length: int) -> Non
     torch.testing.assert_close(out[1, :10], expected[1, :10])  # the padded queries' outputs are never used
 
 
-def test_groups_attend_within_themselves_half_the_heads_shifted() -> None:
+def test_one_group_under_a_causal_mask_alone_is_full_attention() -> None:
+    query, key, value = qkv(16)
+    out = shifted_sparse_attention(query, key, value, None, group=16, scaling=8**-0.5)
+    torch.testing.assert_close(out, full_attention(query, key, value, causal(16)))
+
+
+@pytest.mark.parametrize("mask", ["explicit", "causal-alone"])
+def test_groups_attend_within_themselves_half_the_heads_shifted(mask: str) -> None:
     length, group = 16, 4
     query, key, value = qkv(length)
-    out = shifted_sparse_attention(query, key, value, causal(length), group=group, scaling=8**-0.5)
+    allowed = causal(length) if mask == "explicit" else None
+    out = shifted_sparse_attention(query, key, value, allowed, group=group, scaling=8**-0.5)
     order = group_order(length, 4, group)
     assert torch.equal(order[0], torch.arange(16)) and torch.equal(order[3][:4], torch.tensor([2, 3, 4, 5]))
     for head in range(4):

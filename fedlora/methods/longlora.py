@@ -57,18 +57,23 @@ def group_order(length: int, heads: int, group: int) -> Tensor:
 
 
 def shifted_sparse_attention(
-    query: Tensor, key: Tensor, value: Tensor, allowed: Tensor, group: int, scaling: float, dropout: float = 0.0
+    query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None, group: int, scaling: float, dropout: float = 0.0
 ) -> Tensor:
     """S²-Attn of ``query``/``key``/``value`` (batch × heads × length × dim), returned as batch × length × heads × dim.
 
     ``allowed`` (batch × 1 × length × length, boolean) is the full attention
-    mask (causal and padding); within a group, a query attends to the keys this
-    mask allows, read at their original positions, so a group as long as the
-    sequence is full attention. A sequence not a multiple of ``group`` is padded
-    with keys nobody may attend to. Every query may attend to itself, so a fully
-    masked (padding) row gives its own value instead of NaN.
+    mask (causal and padding; ``None``: causal alone); within a group, a query
+    attends to the keys this mask allows, read at their original positions, so
+    a group as long as the sequence is full attention. A sequence not a multiple
+    of ``group`` is padded with keys nobody may attend to. Every query may attend
+    to itself, so a fully masked (padding) row gives its own value instead of NaN.
     """
     batch, heads, length, dim = query.shape
+    if allowed is None and length % group == 0:
+        return _causal_groups(query, key, value, group, scaling, dropout)
+    if allowed is None:
+        allowed = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()[None, None]
+        allowed = allowed.expand(batch, 1, length, length)
     padded = math.ceil(length / group) * group
     order = group_order(padded, heads, group).to(query.device)
     keep = torch.zeros(batch, padded, padded, dtype=torch.bool, device=query.device)
@@ -90,6 +95,41 @@ def shifted_sparse_attention(
     return result[:, :, :length].transpose(1, 2).contiguous()
 
 
+def _causal_groups(query: Tensor, key: Tensor, value: Tensor, group: int, scaling: float, dropout: float) -> Tensor:
+    """S²-Attn under a causal mask alone, ``length`` a multiple of ``group``: SDPA's causal kernel on every group.
+
+    Only a shifted head's last group, which wraps round to the first positions,
+    needs an explicit mask (by original position); no length × length mask is
+    ever built.
+    """
+    batch, heads, length, dim = query.shape
+    groups, half, shift = length // group, heads // 2, group // 2
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        return nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+        )
+
+    def blocks(states: Tensor, count: int) -> Tensor:  # batch × h × count·group × dim -> batch·count × h × group × dim
+        h = states.shape[1]
+        return states.reshape(batch, h, count, group, dim).transpose(1, 2).reshape(batch * count, h, group, dim)
+
+    def unblocks(states: Tensor, count: int) -> Tensor:
+        h = states.shape[1]
+        return states.reshape(batch, count, h, group, dim).transpose(1, 2).reshape(batch, h, count * group, dim)
+
+    plain = [t[:, : heads - half] for t in (query, key, value)]
+    out_plain = unblocks(attend(*(blocks(t, groups) for t in plain)), groups)
+    shifted = [t[:, heads - half :].roll(-shift, dims=2) for t in (query, key, value)]
+    inner = length - group  # the shifted groups that do not wrap are causal in their own order
+    parts = [unblocks(attend(*(blocks(t[:, :, :inner], groups - 1) for t in shifted)), groups - 1)] if inner else []
+    positions = torch.arange(length, device=query.device).roll(-shift)[inner:]
+    wrapped = positions[None, :] <= positions[:, None]
+    parts.append(attend(*(t[:, :, inner:] for t in shifted), wrapped))
+    out_shifted = torch.cat(parts, 2).roll(shift, dims=2)
+    return torch.cat([out_plain, out_shifted], 1).transpose(1, 2).contiguous()
+
+
 def s2_attention(
     module: nn.Module,
     query: Tensor,
@@ -108,12 +148,11 @@ def s2_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if attention_mask is None:  # SDPA's mask function leaves it out when causal alone is enough
-        attention_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()[None, None]
     key = repeat_kv(key, module.num_key_value_groups)
     value = repeat_kv(value, module.num_key_value_groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return shifted_sparse_attention(query, key, value, attention_mask.bool(), group, scale, dropout), None
+    mask = None if attention_mask is None else attention_mask.bool()  # None: causal alone (no padding)
+    return shifted_sparse_attention(query, key, value, mask, group, scale, dropout), None
 
 
 def register_s2(group: int) -> str:
