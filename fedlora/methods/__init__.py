@@ -7,6 +7,11 @@ never editing the apps or the strategies.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import PreTrainedModel
+
 from fedlora.methods.adalora import AdaLora
 from fedlora.methods.base import AdapterMethod
 from fedlora.methods.delta_lora import DeltaLora
@@ -42,6 +47,12 @@ METHODS: dict[str, AdapterMethod] = {
 }
 
 
+def load_saved(base: PreTrainedModel, folder: Path) -> PeftModel:
+    """A saved adapter folder on ``base``: by the method whose extra files it holds, else by peft's loader."""
+    method = next((m for m in METHODS.values() if m.wrote(folder)), METHODS["lora"])
+    return method.from_pretrained(base, folder)
+
+
 def get_method(name: str) -> AdapterMethod:
     """The method registered as ``name``."""
     if name not in METHODS:
@@ -49,4 +60,4 @@ def get_method(name: str) -> AdapterMethod:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "AdapterMethod", "MTLora", "get_method"]
+__all__ = ["METHODS", "AdapterMethod", "MTLora", "get_method", "load_saved"]

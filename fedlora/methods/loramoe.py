@@ -114,6 +114,10 @@ class LoraMoE(Lora):
         metadata = {"experts": str(len(model.peft_config)), "top-k": str(variant.top_k)}
         save_file(routers, folder / ROUTER_FILE, metadata)
 
+    def wrote(self, folder: Path) -> bool:
+        """Whether ``folder`` holds routers."""
+        return (folder / ROUTER_FILE).is_file()
+
     def from_pretrained(self, base: PreTrainedModel, folder: Path) -> PeftModel:
         """The experts with peft's loader, then the routers from ``moe_router.safetensors``."""
         with safe_open(str(folder / ROUTER_FILE), "pt") as file:
