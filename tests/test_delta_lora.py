@@ -41,6 +41,7 @@ def with_residual(state: dict[str, torch.Tensor], rank: int, seed: int) -> dict[
     return out
 
 
+@pytest.mark.slow
 def test_local_steps_move_the_base_by_the_product_change_and_the_next_load_undoes_it(tiny_llama: Path) -> None:
     cfg = from_run_config(delta_config(tiny_llama))
     bench = runtime.workbench(cfg)
