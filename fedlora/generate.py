@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlora.data.tokenize import chat_prompt
+from fedlora.methods import load_saved
 from fedlora.models import CAUSAL_LM, load_base_model, load_tokenizer, model_dir, remote_code
 
 
@@ -34,7 +34,7 @@ def load_for_generation(
     ref = model_dir(model_name)
     with remote_code(trust_remote_code):
         tokenizer = load_tokenizer(ref)
-        model = PeftModel.from_pretrained(load_base_model(ref, CAUSAL_LM, 0), adapter)
+        model = load_saved(load_base_model(ref, CAUSAL_LM, 0), adapter)
     return model.eval(), tokenizer
 
 

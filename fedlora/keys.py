@@ -9,7 +9,9 @@ them.
 its key alone (strategies need no per-method code): ``lora_A``/``lora_B`` of one module and adapter are one
 low-rank update ``B·A`` (:func:`lora_pairs`), unless AdaLoRA's singular values ``lora_E`` sit between them; DoRA's
 magnitude and every other tensor are averaged element-wise. MTLoRA's task-specific adapters are named
-``task-<task>`` (:func:`task_adapter`), so a key names its task. A global adapter may also carry, per LoRA layer,
+``task-<task>`` (:func:`task_adapter`), so a key names its task. LoRAMoE's experts are the peft adapters ``default``,
+``expert-1``, … (:func:`expert_adapter`), each an ordinary factor pair, and its router per layer is
+``<module>.moe_router.weight``. A global adapter may also carry, per LoRA layer,
 a residual ``<module>.residual_B``/``<module>.residual_A`` that the parties merge into their base weights (FLoRA).
 
 **Protocol keys** name the records of a Flower message and the entries the server and clients exchange; they
@@ -42,6 +44,15 @@ SHARED_ADAPTER = "default"
 
 TASK_PREFIX = "task-"
 """MTLoRA's task-specific adapters are ``task-<task>``."""
+
+ROUTER_MODULE = "moe_router"
+"""The attribute of a LoRA layer holding LoRAMoE's router (gating network), keyed ``<module>.moe_router.weight``."""
+
+ROUTER = f".{ROUTER_MODULE}."
+"""The marker of a LoRAMoE router tensor."""
+
+EXPERT_PREFIX = "expert-"
+"""LoRAMoE's experts after the first (peft's ``default``) are the peft adapters ``expert-<i>``."""
 
 PEFT_PREFIX = "base_model.model."
 """What a ``PeftModel`` puts before the inner model's parameter names (peft reports some names without it)."""
@@ -104,6 +115,16 @@ def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
 def task_adapter(task: str) -> str:
     """The peft adapter name of ``task``'s task-specific LoRA (MTLoRA)."""
     return f"{TASK_PREFIX}{task}"
+
+
+def expert_adapter(index: int) -> str:
+    """The peft adapter name of LoRAMoE expert ``index`` (expert 0 is the model's first adapter, ``default``)."""
+    return SHARED_ADAPTER if index == 0 else f"{EXPERT_PREFIX}{index}"
+
+
+def is_router(key: str) -> bool:
+    """Whether ``key`` is a LoRAMoE router weight (averaged element-wise, like any lone tensor)."""
+    return ROUTER in key
 
 
 def task_of(key: str) -> str:

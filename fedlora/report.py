@@ -16,6 +16,7 @@ from peft import PeftModel
 
 from fedlora.adapter import save_adapter_files
 from fedlora.keys import NUM_EXAMPLES
+from fedlora.methods import AdapterMethod
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -97,6 +98,17 @@ def write_folder(folder: Path, write: Callable[[Path], None], keep_old: bool = F
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(model: PeftModel, folder: Path, adapters: list[str] | None = None) -> None:
-    """Write the adapter folder (:func:`fedlora.adapter.save_adapter_files`), replacing an old one once complete."""
-    write_folder(folder, lambda path: save_adapter_files(model, path, adapters))
+def save_adapter(
+    model: PeftModel, folder: Path, adapters: list[str] | None = None, method: AdapterMethod | None = None
+) -> None:
+    """Write the adapter folder (:func:`fedlora.adapter.save_adapter_files`), replacing an old one once complete.
+
+    ``method`` adds what peft's format cannot hold (:meth:`AdapterMethod.save_extra`, e.g. LoRAMoE's routers).
+    """
+
+    def write(path: Path) -> None:
+        save_adapter_files(model, path, adapters)
+        if method is not None:
+            method.save_extra(model, path)
+
+    write_folder(folder, write)

@@ -156,6 +156,8 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
         cfg.qlora,
         cfg.adalora,
         cfg.mtlora,
+        cfg.loramoe,
+        cfg.longlora,
         cfg.prompt,
         task,
         num_labels,

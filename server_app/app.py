@@ -234,7 +234,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         evaluate_fn=central_evaluate,
     )
     load_adapter_state(bench.model, from_record(latest))
-    save_adapter(bench.model, output_dir / "adapter")
+    save_adapter(bench.model, output_dir / "adapter", method=bench.method)
     log(INFO, "Global adapter saved to %s (load it with peft.PeftModel.from_pretrained)", output_dir / "adapter")
     for task in tasks:  # shared + task-specific, in peft's multi-adapter layout
         save_adapter(bench.model, output_dir / f"adapter-{task}", [SHARED_ADAPTER, task_adapter(task)])

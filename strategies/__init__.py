@@ -15,6 +15,7 @@ from fedlora.config import ConfigError, RunConfig, client_rank, client_task
 from fedlora.server_opt import ServerOptimizer
 from strategies.adalora_merge import AdaLoRAMerge
 from strategies.base import AdapterStrategy, Cohorts, NodeProfile
+from strategies.delta_lora import DeltaLoRA
 from strategies.fedavg_factors import FedAvgFactors
 from strategies.fedavg_products import FedAvgProducts
 from strategies.fedsa import FedSA
@@ -34,6 +35,7 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
     "mtlora": MTLoRA,
     "fedsa": FedSA,
     "local-only": LocalOnly,
+    "delta-lora": DeltaLoRA,
 }
 
 
@@ -147,6 +149,7 @@ __all__ = [
     "STRATEGIES",
     "AdaLoRAMerge",
     "AdapterStrategy",
+    "DeltaLoRA",
     "FLoRA",
     "FedAvgFactors",
     "FedAvgProducts",

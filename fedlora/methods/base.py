@@ -67,3 +67,14 @@ class AdapterMethod:
     def rank_pattern(self, model: PeftModel) -> dict[str, list[bool]]:
         """Which rank indices of each layer are in use, keyed by tensor name (default: all, reported as ``{}``)."""
         return {}
+
+    def save_extra(self, model: PeftModel, folder: Path) -> None:
+        """Write into a saved adapter ``folder`` what peft's ``save_pretrained`` cannot express (default: nothing)."""
+
+    def wrote(self, folder: Path) -> bool:
+        """Whether ``folder`` holds this method's :meth:`save_extra` files (default: it writes none)."""
+        return False
+
+    def from_pretrained(self, base: PreTrainedModel, folder: Path) -> PeftModel:
+        """A saved adapter ``folder`` on ``base``, as the server last evaluated it (default: peft's own loader)."""
+        return PeftModel.from_pretrained(base, folder)

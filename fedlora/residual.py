@@ -1,0 +1,73 @@
+"""The residual a party's base weights hold: an aggregated update merged into the frozen base (FLoRA, Delta-LoRA).
+
+A residual is ``module -> (B, A)`` per adapted module (d×R and R×k). The model
+records, in factors, what it has merged, so a cached model serving many
+messages moves its base from one residual to the next by the difference alone,
+never keeping a copy of its base weights. Kept apart from :mod:`fedlora.adapter`
+so that methods (Delta-LoRA's step hook) can use it without importing the
+method registry back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fedlora.validation import InvalidUpdate
+
+_MERGED = "_fedlora_residual"  # model attribute: the residual now added to the base weights
+
+
+def set_residual(model: torch.nn.Module, residual: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    """Make each adapted module's base weight ``W0 + B·A`` for its residual, and plain ``W0`` for the others.
+
+    Only the difference to what is merged now is applied, so a cached model
+    serving many messages never needs a copy of its base weights.
+    """
+    modules = dict(model.named_modules())
+    merged: dict[str, tuple[Tensor, Tensor]] = getattr(model, _MERGED, {})
+    with torch.no_grad():
+        for module in set(merged) | set(residual):
+            if module not in modules or not hasattr(modules[module], "base_layer"):
+                raise InvalidUpdate(f"residual for '{module}', which is not an adapted module of this model")
+            weight = modules[module].base_layer.weight
+            if not weight.dtype.is_floating_point:
+                raise ValueError(f"cannot merge a residual into the quantised weight of '{module}'; use a float base")
+            delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if module in residual:
+                b, a = residual[module]
+                if (b.shape[0], a.shape[1]) != tuple(weight.shape) or b.shape[1] != a.shape[0]:
+                    raise InvalidUpdate(
+                        f"residual of '{module}' is {tuple(b.shape)}·{tuple(a.shape)}, weight is {tuple(weight.shape)}"
+                    )
+                delta += b.float().to(weight.device) @ a.float().to(weight.device)
+            if module in merged:
+                b, a = merged[module]
+                delta -= b.to(weight.device) @ a.to(weight.device)
+            weight += delta.to(weight.dtype)
+    setattr(model, _MERGED, {m: (b.float().clone(), a.float().clone()) for m, (b, a) in residual.items()})
+
+
+def merged_residual(model: torch.nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """The residual ``module -> (B, A)`` the base weights hold now (what :func:`set_residual` merged last)."""
+    return dict(getattr(model, _MERGED, {}))
+
+
+def add_to_base(
+    model: torch.nn.Module, updates: Mapping[str, tuple[Tensor, Tensor]], held: Mapping[str, tuple[Tensor, Tensor]]
+) -> None:
+    """Add each module's low-rank update ``B·A`` to its base weight; ``held`` is the residual the base now holds.
+
+    Delta-LoRA moves the base during local training. ``held`` (the caller's
+    exact account of what is merged, in factors) is what the next
+    :func:`set_residual` takes out again, so a cached model serving the next
+    client returns to its plain base without a copy of the base weights.
+    """
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for module, (b, a) in updates.items():
+            weight = modules[module].base_layer.weight
+            weight += (b.float().to(weight.device) @ a.float().to(weight.device)).to(weight.dtype)
+    setattr(model, _MERGED, {m: (b.detach().float().clone(), a.detach().float().clone()) for m, (b, a) in held.items()})
