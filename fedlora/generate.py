@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+import fedlora.methods  # noqa: F401  # registers fedlora's own peft tuners (bottleneck adapters) for from_pretrained
 from fedlora.data.tokenize import chat_prompt
 from fedlora.models import CAUSAL_LM, load_base_model, load_tokenizer, model_dir, remote_code
 

@@ -157,6 +157,7 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
         cfg.adalora,
         cfg.mtlora,
         cfg.prompt,
+        cfg.bottleneck,
         task,
         num_labels,
         cfg.run.seed,

