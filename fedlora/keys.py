@@ -45,6 +45,9 @@ averaged element-wise, as no product of them is the update (a non-linearity sits
 SHARED_ADAPTER = "default"
 """peft's name of a model's first adapter: the only one, or MTLoRA's task-agnostic one."""
 
+BASE_ONLY = "__base__"
+"""peft's adapter name for a row of a mixed batch that goes through the base alone (``adapter_names``)."""
+
 TASK_PREFIX = "task-"
 """MTLoRA's task-specific adapters are ``task-<task>``."""
 
