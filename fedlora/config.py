@@ -131,9 +131,11 @@ class ModelSettings:
     )
     task: str = _opt(
         "auto",
-        "`causal-lm` (instruction tuning, loss on the answer) or `classification` (sequence "
-        "classification head); `auto` picks classification for minilm, causal-lm otherwise.",
-        ("auto", "causal-lm", "classification"),
+        "`causal-lm` (instruction tuning, loss on the answer), `classification` (sequence "
+        "classification head) or `reward` (a reward model: one-output head trained with the Bradley-Terry loss on "
+        "preference pairs built from the data's categories, metric pairwise accuracy; docs/methods.md); `auto` picks "
+        "classification for minilm, causal-lm otherwise.",
+        ("auto", "causal-lm", "classification", "reward"),
     )
     cache_dir: str = _opt("", "Where converted models are cached; empty means $FEDLORA_CACHE or ~/.cache/fedlora.")
     trust_remote_code: bool = _opt(
