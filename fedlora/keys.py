@@ -39,8 +39,16 @@ HEAD_COPY = ".modules_to_save."
 RESIDUAL_A, RESIDUAL_B = ".residual_A", ".residual_B"
 """Suffixes of a module's residual factors: an aggregated update merged into the base, never trained nor sent back."""
 
+BOTTLENECK_PREFIX = "bottleneck_"
+BOTTLENECK_DOWN, BOTTLENECK_UP = BOTTLENECK_PREFIX + "down", BOTTLENECK_PREFIX + "up"
+"""A bottleneck adapter's down- and up-projection (``<module>.bottleneck_down.<adapter>.weight``/``.bias``):
+averaged element-wise, as no product of them is the update (a non-linearity sits between)."""
+
 SHARED_ADAPTER = "default"
 """peft's name of a model's first adapter: the only one, or MTLoRA's task-agnostic one."""
+
+BASE_ONLY = "__base__"
+"""peft's adapter name for a row of a mixed batch that goes through the base alone (``adapter_names``)."""
 
 TASK_PREFIX = "task-"
 """MTLoRA's task-specific adapters are ``task-<task>``."""

@@ -40,7 +40,7 @@ from transformers import (
 from transformers.utils import cached_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
+CAUSAL_LM, CLASSIFICATION, REWARD = "causal-lm", "classification", "reward"
 
 ModelRef = Path | str
 """What ``from_pretrained`` loads: a local model folder, or a Hugging Face model id (resolved through its cache)."""
@@ -187,7 +187,7 @@ def device() -> torch.device:
 def load_base_model(
     path: ModelRef, task: str, num_labels: int, quantization: BitsAndBytesConfig | None = None
 ) -> PreTrainedModel:
-    """Load the frozen base for ``task`` on :func:`device` (a fresh head of ``num_labels`` for classification).
+    """Load the frozen base for ``task`` on :func:`device` (a fresh head of ``num_labels`` unless causal LM).
 
     Weights are float32 unless ``quantization`` (bitsandbytes) says otherwise.
     The model's own code runs only inside :func:`remote_code` (``True``).
@@ -199,7 +199,7 @@ def load_base_model(
         "trust_remote_code": _trust_remote_code.get(),
     }
     try:
-        if task == CLASSIFICATION:
+        if task in (CLASSIFICATION, REWARD):
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -55,7 +55,7 @@ from fedlora.data.federated import local_split, make_partitioner, partition_spli
 from fedlora.data.sources import load_local
 from fedlora.data.tokenize import collator, tokenize
 from fedlora.methods import AdapterMethod, get_method
-from fedlora.models import CLASSIFICATION, load_tokenizer, model_dir, remote_code, resolve_task
+from fedlora.models import CLASSIFICATION, REWARD, load_tokenizer, model_dir, remote_code, resolve_task
 from fedlora.store import ClientStore, client_key, optimizer_tensors, restore_optimizer
 from fedlora.training import make_loader
 
@@ -122,6 +122,8 @@ class Workbench:
 
 def _task_and_labels(cfg: RunConfig) -> tuple[str, int]:
     task = resolve_task(cfg.model.name, cfg.model.task)
+    if task == REWARD:
+        return task, 1  # one output: the reward
     return task, (_split(cfg)[1].features["label"].num_classes if task == CLASSIFICATION else 0)
 
 
@@ -159,6 +161,7 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
         cfg.loramoe,
         cfg.longlora,
         cfg.prompt,
+        cfg.bottleneck,
         task,
         num_labels,
         cfg.run.seed,
@@ -223,7 +226,7 @@ def test_set(cfg: RunConfig) -> Dataset:
 
 def _partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
     pool = _split(cfg)[1]
-    key = (cfg.data, cfg.run.seed, num_partitions)
+    key = (cfg.data, cfg.run.seed, num_partitions, resolve_task(cfg.model.name, cfg.model.task))  # reward: pairs
     return _PARTITIONER.get(key, lambda: make_partitioner(cfg.data, num_partitions, pool, cfg.run.seed))
 
 

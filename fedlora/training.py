@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 from fedlora.config import TrainSettings
 from fedlora.data.tokenize import IGNORE_INDEX
 from fedlora.keys import NUM_EXAMPLES
-from fedlora.models import CLASSIFICATION
+from fedlora.models import CLASSIFICATION, REWARD
+from fedlora.reward import bradley_terry_loss, pair_rewards, pairs_ranked_right
 
 
 def round_lr(server_round: int, num_rounds: int, lr: float, lr_min: float) -> float:
@@ -97,9 +98,22 @@ def _step_groups(loader: DataLoader, steps: int, accumulation: int, epochs: int)
 
 
 def _targets(batch: Mapping[str, torch.Tensor]) -> int:
-    """How many terms the model's mean loss averages: answer tokens after the first position (causal LM), else rows."""
+    """How many terms the batch's mean loss averages.
+
+    Answer tokens after the first position (causal LM), pairs (reward: a batch
+    without labels, :mod:`fedlora.reward`), else rows.
+    """
+    if "labels" not in batch:
+        return batch["input_ids"].shape[0] // 2
     labels = batch["labels"]
     return int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.dim() > 1 else labels.shape[0]
+
+
+def batch_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss on a labelled batch; the Bradley-Terry loss on a batch of preference pairs (no labels)."""
+    if "labels" not in batch:
+        return bradley_terry_loss(*pair_rewards(model, batch))
+    return model(**batch).loss
 
 
 def train_steps(
@@ -136,7 +150,7 @@ def train_steps(
         step_loss = 0.0
         for batch in group:
             with precision_context(precision, device):
-                loss = model(**_to(batch, device)).loss * (_targets(batch) / total)
+                loss = batch_loss(model, _to(batch, device)) * (_targets(batch) / total)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
             loss.backward()
@@ -155,7 +169,7 @@ def train_steps(
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str, float]:
-    """Loss and accuracy (classification) or perplexity (causal LM, over answer tokens).
+    """Loss and accuracy (classification), pairwise accuracy (reward) or perplexity (causal LM, over answer tokens).
 
     The loss is computed here from the logits, not taken from the model: a
     method may add a regulariser to ``outputs.loss`` (AdaLoRA's orthogonality
@@ -168,6 +182,13 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str,
     total_loss, total_count, correct, examples = 0.0, 0, 0, 0
     for batch in loader:
         batch = _to(batch, device)
+        if task == REWARD:
+            chosen, rejected = pair_rewards(model, batch)
+            total_loss += bradley_terry_loss(chosen, rejected, reduction="sum").item()
+            total_count += len(chosen)
+            correct += pairs_ranked_right(chosen, rejected)
+            examples += len(chosen)
+            continue
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         if task == CLASSIFICATION:
@@ -186,8 +207,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str,
         examples += labels.shape[0]
     loss = total_loss / max(total_count, 1)
     metrics = {"eval-loss": loss, NUM_EXAMPLES: examples}
-    if task == CLASSIFICATION:
-        metrics["eval-accuracy"] = correct / max(examples, 1)
+    if task in (CLASSIFICATION, REWARD):
+        metrics["eval-accuracy"] = correct / max(examples, 1)  # reward: the share of pairs ranked right
     else:
         metrics["eval-perplexity"] = math.exp(min(loss, 50.0))
     return metrics

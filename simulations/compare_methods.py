@@ -23,7 +23,14 @@ from simulations.run import ROOT, run_and_read
 
 # Each method at a learning rate in the range its paper recommends (LoRA+ halves LoRA's, as Hayou et al. advise;
 # VeRA and the prompt methods train far fewer parameters and want larger steps).
-LEARNING_RATES = {"loraplus": 2.5e-4, "vera": 1e-2, "prompt-tuning": 3e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-2}
+LEARNING_RATES = {
+    "loraplus": 2.5e-4,
+    "vera": 1e-2,
+    "prompt-tuning": 3e-2,
+    "p-tuning": 1e-2,
+    "prefix-tuning": 1e-2,
+    "p-tuning-v2": 1e-2,
+}
 
 
 def method_overrides(method: str, args: argparse.Namespace) -> dict:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fedlora import runtime
 from fedlora.config import from_run_config
-from fedlora.models import CLASSIFICATION, model_dir, resolve_task
+from fedlora.models import CAUSAL_LM, model_dir, resolve_task
 from fedlora.training import evaluate
 from simulations.inprocess import run_in_process
 from simulations.run import flwr_run, run_config_arg
@@ -69,7 +69,7 @@ def check_run(overrides: dict, rounds: list[dict], metric: str, cohorts: bool = 
     assert any(not torch.equal(final[k], initial[k].cpu()) for k in final), "the global adapter did not change"
 
     task = resolve_task(cfg.model.name, cfg.model.task)
-    num_labels = bench.model.config.num_labels if task == CLASSIFICATION else 0
+    num_labels = bench.model.config.num_labels if task != CAUSAL_LM else 0
     base = bench.method.load_base(model_dir(cfg.model.name), task, num_labels, cfg)
     loaded = bench.method.from_pretrained(base, folder)  # peft's loader, or the method's where peft has no format
     reproduced = evaluate(loaded, bench.loader(runtime.test_set(cfg), cfg.eval.batch_size), task)

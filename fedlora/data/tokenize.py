@@ -1,9 +1,12 @@
-"""Tokenisation for the two tasks, and the collators that batch them.
+"""Tokenisation for the three tasks, and the collators that batch them.
 
 Causal LM: the example becomes a chat (user = ``prompt``, assistant = ``response``)
 through the tokenizer's own chat template, and only the answer's tokens carry a
 label, so the model learns to answer rather than to repeat the question.
-Classification: ``text`` with its ``label``.
+Classification: ``text`` with its ``label``. Reward: a preference pair, the
+chat with the chosen answer (``response``) and the chat with the rejected one
+(:mod:`fedlora.data.preferences`); batched as the chosen chats, then the rejected
+ones (:mod:`fedlora.reward`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from typing import Any
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from fedlora.models import CLASSIFICATION
+from fedlora.data.preferences import REJECTED
+from fedlora.models import CLASSIFICATION, REWARD
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
+REJECTED_IDS = "rejected_input_ids"  # a tokenised preference pair: the chosen chat is its input_ids
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -48,8 +53,22 @@ def _lm_example(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable
     return encode
 
 
+def _pair_example(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        answers = {"input_ids": row["response"], REJECTED_IDS: row[REJECTED]}
+        chats = {key: _chat_texts(tokenizer, row["prompt"], answer)[1] for key, answer in answers.items()}
+        special = tokenizer.chat_template is None  # a chat template writes its own; an encoder needs its [CLS]
+        return {
+            key: tokenizer(text, add_special_tokens=special)["input_ids"][:max_length] for key, text in chats.items()
+        }
+
+    return encode
+
+
 def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int) -> Dataset:
     """Tokenise for ``task``; causal-LM examples whose answer is cut off entirely are dropped."""
+    if task == REWARD:
+        return dataset.map(_pair_example(tokenizer, max_length), remove_columns=dataset.column_names)
     if task == CLASSIFICATION:
         encoded = dataset.map(
             lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
@@ -66,6 +85,12 @@ def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, task: str, ma
 
 def collator(tokenizer: PreTrainedTokenizerBase, task: str) -> Callable[[list[dict[str, Any]]], Any]:
     """Pad a list of tokenised examples into a batch of tensors (labels padded with -100)."""
+    if task == REWARD:
+        return lambda rows: dict(
+            tokenizer.pad(
+                [{"input_ids": row[key]} for key in ("input_ids", REJECTED_IDS) for row in rows], return_tensors="pt"
+            )
+        )
     if task == CLASSIFICATION:
         return DataCollatorWithPadding(tokenizer, return_tensors="pt")
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")

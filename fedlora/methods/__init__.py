@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from fedlora.methods.adalora import AdaLora
 from fedlora.methods.base import AdapterMethod
+from fedlora.methods.bottleneck import Bottleneck
 from fedlora.methods.delta_lora import DeltaLora
 from fedlora.methods.dora import Dora
 from fedlora.methods.longlora import LongLora
@@ -22,7 +23,7 @@ from fedlora.methods.lora_fa import LoraFA
 from fedlora.methods.loramoe import LoraMoE
 from fedlora.methods.loraplus import LoraPlus
 from fedlora.methods.mtlora import MTLora
-from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning
+from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning, PTuningV2
 from fedlora.methods.qlora import QLora
 from fedlora.methods.vera import Vera
 
@@ -43,6 +44,8 @@ METHODS: dict[str, AdapterMethod] = {
         PromptTuning(),
         PTuning(),
         PrefixTuning(),
+        PTuningV2(),
+        Bottleneck(),
     )
 }
 

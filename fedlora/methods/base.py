@@ -25,13 +25,13 @@ from peft import PeftConfig, PeftModel, TaskType
 from transformers import PreTrainedModel
 
 from fedlora.config import RunConfig
-from fedlora.models import CLASSIFICATION, load_base_model
+from fedlora.models import CAUSAL_LM, load_base_model
 from fedlora.training import make_optimizer, trainable_parameters
 
 
 def task_type(task: str) -> TaskType:
-    """The peft task type for a fedlora task."""
-    return TaskType.SEQ_CLS if task == CLASSIFICATION else TaskType.CAUSAL_LM
+    """The peft task type for a fedlora task (classification and reward models have a sequence-classification head)."""
+    return TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS
 
 
 class AdapterMethod:

@@ -6,10 +6,15 @@
 * P-tuning: Liu et al., "GPT Understands, Too", 2021,
   https://arxiv.org/abs/2103.10385; the embeddings and the MLP encoder that
   reparameterises them train and travel.
-* Prefix tuning / P-tuning v2: Li & Liang, ACL 2021,
-  https://arxiv.org/abs/2101.00190, and Liu et al., ACL 2022,
-  https://arxiv.org/abs/2110.07602; a prefix of keys and values in every layer
-  (with ``prompt.prefix-projection``, through a trained MLP that travels too).
+* Prefix tuning: Li & Liang, ACL 2021, https://arxiv.org/abs/2101.00190; a
+  prefix of keys and values in every layer, produced from trained embeddings by
+  the paper's reparameterisation MLP (peft's ``prefix_projection=True``); the
+  embeddings and the MLP train and travel.
+* P-tuning v2: Liu et al., "P-Tuning v2: Prompt Tuning Can Be Comparable to
+  Fine-tuning Universally Across Scales and Tasks", ACL 2022,
+  https://arxiv.org/abs/2110.07602; the same deep prompts at every layer, trained
+  directly without the reparameterisation (peft's prefix tuning with
+  ``prefix_projection=False``); only the per-layer key/value prefixes travel.
 
 All of these tensors are averaged element-wise by every strategy.
 """
@@ -47,15 +52,23 @@ class PTuning(AdapterMethod):
 
 
 class PrefixTuning(AdapterMethod):
-    """Trainable key/value prefixes in every layer."""
+    """Key/value prefixes in every layer, reparameterised through a trained MLP (Li & Liang)."""
 
     name = "prefix-tuning"
+    projection = True
 
     def peft_config(self, cfg: RunConfig, task: str) -> PrefixTuningConfig:
-        """A peft ``PrefixTuningConfig``."""
+        """A peft ``PrefixTuningConfig`` with (or, for P-tuning v2, without) the prefix projection."""
         return PrefixTuningConfig(
             task_type=task_type(task),
             num_virtual_tokens=cfg.prompt.num_virtual_tokens,
-            prefix_projection=cfg.prompt.prefix_projection,
+            prefix_projection=self.projection,
             encoder_hidden_size=cfg.prompt.encoder_hidden_size,
         )
+
+
+class PTuningV2(PrefixTuning):
+    """Deep prompts: trainable key/value prefixes in every layer, no reparameterisation (Liu et al. 2022)."""
+
+    name = "p-tuning-v2"
+    projection = False
