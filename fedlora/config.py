@@ -354,6 +354,16 @@ class EvalSettings:
     """Evaluation, central and client-side."""
 
     batch_size: int = _opt(16, "Evaluation batch size.")
+    central: str = _opt(
+        "auto",
+        "Where the central evaluation (the global adapter on the server's test split) runs: `worker` sends it to "
+        "one node as an `evaluate` message, and that node evaluates with the base model it already holds for "
+        "training, so the ServerApp holds no base model of its own (it loads one at start for the initial adapter, "
+        "then keeps only the adapter); `server` evaluates in the ServerApp on a base it keeps for the whole run (the "
+        "nodes never compute the server's metrics: for a deployment whose nodes are not trusted with them); "
+        "`auto`: `worker` in simulation, `server` in deployment.",
+        ("auto", "worker", "server"),
+    )
 
 
 @dataclass(frozen=True)

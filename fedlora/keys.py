@@ -136,3 +136,11 @@ RANK_KEY, TASK_KEY = "lora-rank", "task"
 
 PROFILE, PROFILE_QUESTION = "profile", "ask"
 """The profile query: the ConfigRecord of the client's answer, and the entry listing what the server asks."""
+
+CENTRAL = "central"
+"""Config entry of an ``evaluate`` message that asks a worker for the central evaluation (``eval.central = worker``)."""
+
+
+def task_metrics(task: str) -> str:
+    """The MetricRecord holding ``task``'s central evaluation in a worker's reply (:data:`METRICS` without tasks)."""
+    return f"{METRICS}-{task}" if task else METRICS
