@@ -48,10 +48,21 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for ``train.precision = bfloat16`` (weights, gradients and optimizer stay float32), else nothing."""
-    if precision == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """Autocast for ``train.precision`` bfloat16 or float16 (weights, gradients and optimizer stay float32)."""
+    if precision in ("bfloat16", "float16"):
+        return torch.autocast(device_type=device.type, dtype=getattr(torch, precision))
     return contextlib.nullcontext()
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler for float16: keeps small gradients from flushing to zero (a pass-through otherwise).
+
+    float16 has more precision than bfloat16 but far less range: unscaled, gradients
+    below about 6e-8 underflow. The scaler multiplies the loss before the
+    backward pass, divides the gradients before clipping and the step, and skips
+    a step whose gradients overflowed (lowering the scale for the next one).
+    """
+    return torch.amp.GradScaler(device.type, enabled=precision == "float16")
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -107,11 +118,13 @@ def train_steps(
     so each micro-batch's loss is weighted by its share of the step's targets:
     the step is then the one of a single batch of all of them, not the mean of
     unequal micro-batch means. ``after_step(i)`` runs after optimizer step
-    ``i``, while the gradients are still there (AdaLoRA's budget allocator reads them).
+    ``i``, while the gradients are still there (AdaLoRA's budget allocator reads them),
+    unscaled under ``precision = float16`` (:func:`grad_scaler`).
     """
     model.train()
     params = trainable_parameters(model)
     device = params[0].device
+    scaler = grad_scaler(precision, device)
     losses = []
     for step, group in enumerate(_step_groups(loader, steps, accumulation, epochs)):
         total = sum(_targets(batch) for batch in group)
@@ -121,11 +134,13 @@ def train_steps(
                 loss = model(**_to(batch, device)).loss * (_targets(batch) / total)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += loss.item()
+        scaler.unscale_(optimizer)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped if a gradient overflowed in float16
+        scaler.update()
         if after_step:
             after_step(step)
         optimizer.zero_grad(set_to_none=True)

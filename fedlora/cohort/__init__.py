@@ -30,6 +30,8 @@ def sequential_reason(cfg: RunConfig, method: AdapterMethod, model: PeftModel) -
         reason = "train.keep-optimizer-state restores one optimizer per client from the store"
     if not reason and cfg.train.grad_accumulation > 1:
         reason = "train.grad-accumulation > 1 (the batched pass takes one batch per client and step)"
+    if not reason and cfg.train.precision == "float16":
+        reason = "train.precision = 'float16' (one loss scaler would skip every client's step for one's overflow)"
     if not reason and cfg.train.epochs:
         reason = "train.epochs > 0 (clients of different sizes take different numbers of steps)"
     if reason and cfg.cohort.batching == "batched":
