@@ -135,6 +135,13 @@ class ModelSettings:
         ("auto", "causal-lm", "classification"),
     )
     cache_dir: str = _opt("", "Where converted models are cached; empty means $FEDLORA_CACHE or ~/.cache/fedlora.")
+    load_in_8bit: bool = _opt(
+        False,
+        "Load the frozen base with 8-bit weights (bitsandbytes LLM.int8(), heads in float32): about a quarter of "
+        "float32's weight memory, slower matmuls. Works on CPU and GPU; a FLoRA residual cannot be merged into it. "
+        "`qlora` loads its base in 4 bits instead.",
+        methods=tuple(m for m in (*LORA_FAMILY, "vera", *PROMPT_METHODS) if m != "qlora"),
+    )
     trust_remote_code: bool = _opt(
         False,
         "Run the Python code a model folder or hub id ships with (`trust_remote_code` of transformers); only for "

@@ -41,6 +41,8 @@ from transformers.utils import cached_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
+FULL_PRECISION_MODULES = ["lm_head", "classifier", "score"]
+"""Modules a quantised base keeps in float: the output layers, which are small next to the body or train."""
 
 ModelRef = Path | str
 """What ``from_pretrained`` loads: a local model folder, or a Hugging Face model id (resolved through its cache)."""
