@@ -8,6 +8,7 @@ call would cost more than the steps themselves.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from torch.utils.data import DataLoader
 
 from fedlora.config import TrainSettings
@@ -148,6 +150,19 @@ def train_steps(
     return sum(losses) / len(losses)
 
 
+def _scored_positions(labels: torch.Tensor) -> int:
+    """How many last positions' logits a causal-LM loss reads: from the one before the batch's first answer token.
+
+    The prompt before it (a chat template's system text included) needs no
+    logits, and the vocabulary projection is a fifth of a small model's compute
+    per token, so :func:`evaluate` asks the model only for these (transformers'
+    ``logits_to_keep``).
+    """
+    answer = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    first = int(answer[0]) + 1 if len(answer) else labels.shape[1]
+    return labels.shape[1] - first + 1
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str, float]:
     """Loss and accuracy (classification) or perplexity (causal LM, over answer tokens).
@@ -160,18 +175,23 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str,
     """
     model.eval()
     device = next(model.parameters()).device
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
     total_loss, total_count, correct, examples = 0.0, 0, 0, 0
     for batch in loader:
         batch = _to(batch, device)
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
         if task == CLASSIFICATION:
+            logits = model(**batch).logits.float()
             loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
             count = labels.numel()
             correct += int((logits.argmax(-1) == labels).sum())
         else:
-            logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual-token positions
-            targets = labels[:, 1:]
+            keep = _scored_positions(labels)
+            kwargs = {"logits_to_keep": keep} if keeps_logits else {}
+            # The last `keep` positions (prompt tuning prepends virtual-token positions before them).
+            logits = model(**batch, **kwargs).logits[:, -keep:].float()
+            targets = labels[:, labels.shape[1] - keep + 1 :]
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
             )
