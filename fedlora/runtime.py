@@ -240,8 +240,6 @@ def client_sets(cfg: RunConfig, partition_id: int, num_partitions: int, data_pat
             task = resolve_task(cfg.model.name, cfg.model.task)
             train, val = local_split(load_local(data_path, task, cfg.data), cfg.data.val_fraction, cfg.run.seed)
         else:
-            if not 0 <= partition_id < num_partitions:
-                raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
             train, val = partition_split(cfg.data, _partitioner(cfg, num_partitions), partition_id, cfg.run.seed)
         return _tokenized(cfg, train), _tokenized(cfg, val)
 

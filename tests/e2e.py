@@ -14,12 +14,30 @@ from fedlora import runtime
 from fedlora.config import from_run_config
 from fedlora.models import CLASSIFICATION, model_dir, resolve_task
 from fedlora.training import evaluate
+from simulations.inprocess import run_in_process
 from simulations.run import flwr_run, run_config_arg
 
+# A short run of the tiny Llama on chatterbot in which every method's loss falls.
+TINY_RUN = {
+    "data.source": "chatterbot",
+    "data.test-size": 60,
+    "data.max-examples": 600,
+    "num-server-rounds": 2,
+    "train.local-steps": 8,
+    "train.lr": 0.01,
+    "train.lr-min": 0.005,
+}
 
-def simulate(tmp_path: Path, overrides: dict, clients: int = 3) -> tuple[dict, list[dict]]:
-    """Run a simulation with ``overrides``; return them (with output-dir) and metrics.json's rounds."""
+
+def simulate(tmp_path: Path, overrides: dict, clients: int = 3, in_process: bool = False) -> tuple[dict, list[dict]]:
+    """Run a simulation with ``overrides``; return them (with output-dir) and metrics.json's rounds.
+
+    ``in_process`` runs the same apps without a SuperLink or Ray (:mod:`simulations.inprocess`): for checks of
+    what a method or strategy learns, where the `flwr run` machinery, already covered elsewhere, only adds time.
+    """
     overrides = {**overrides, "output-dir": str(tmp_path / "out")}
+    if in_process:
+        return overrides, run_in_process(overrides, clients)
     result = flwr_run(run_config_arg(overrides), clients, flwr_home=tmp_path / "flwr", timeout=600, capture=True)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
@@ -42,7 +60,7 @@ def check_run(overrides: dict, rounds: list[dict], metric: str, cohorts: bool = 
         assert entry["bytes-up"] > 0 and entry["bytes-down"] > (0 if cohorts else entry["bytes-up"])  # train + eval
         assert entry.get("excluded-replies", 0) == 0
 
-    bench = runtime.workbench(cfg)  # a fresh model in this process: the initial adapter of the run
+    bench = runtime.workbench(cfg, reuse=False)  # a fresh model: the run's initial adapter (in process too)
     folder = Path(overrides["output-dir"]) / "adapter"
     initial = get_peft_model_state_dict(bench.model)
     final = load_file(folder / "adapter_model.safetensors")

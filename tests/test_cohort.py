@@ -39,8 +39,7 @@ from fedlora.models import load_tokenizer, model_dir
 from fedlora.wire import from_record, to_record
 from strategies import FedAvgFactors, HetLoRA
 from strategies.base import Cohorts, NodeProfile
-from tests.e2e import check_run, simulate
-from tests.test_simulation import TINY_RUN
+from tests.e2e import TINY_RUN, check_run, simulate
 from tests.test_strategies import FakeGrid, lora_state
 
 

@@ -16,7 +16,7 @@ from datasets.packaged_modules.parquet.parquet import Parquet, ParquetConfig
 from huggingface_hub import constants
 
 from fedlora.config import BUILTIN_SOURCES, ConfigError, DataSettings
-from fedlora.data.federated import client_partition, local_split, server_and_pool
+from fedlora.data.federated import local_split, make_partitioner, partition_split, server_and_pool
 from fedlora.data.sources import SOURCES, DataNotFoundError, load_fortunes, load_local
 from fedlora.data.tokenize import IGNORE_INDEX, tokenize
 from fedlora.models import CAUSAL_LM, CLASSIFICATION, load_tokenizer, model_dir
@@ -38,6 +38,11 @@ def test_sources_are_real_and_share_one_schema(name: str, rows: int, classes: in
 def test_missing_fortunes_name_the_fix(tmp_path) -> None:
     with pytest.raises(DataNotFoundError, match="apt-get install fortunes"):
         load_fortunes(tmp_path)
+
+
+def client_partition(settings: DataSettings, pool, partition_id: int, num_partitions: int, seed: int):
+    """What fedlora.runtime.client_sets does before tokenising (there the partitioner is cached per run)."""
+    return partition_split(settings, make_partitioner(settings, num_partitions, pool, seed), partition_id, seed)
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "natural"])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import reply
+from e2e import TINY_RUN, check_run, simulate
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -334,3 +336,25 @@ def test_a_lower_rank_state_trains_only_its_own_components(tiny_llama) -> None:
             assert not tensor[2:].any() and tensor[:2].ne(low[key]).any()
         elif ".lora_B." in key:
             assert not tensor[:, 2:].any() and tensor[:, :2].any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["flexlora", "flora"])  # hetlora: unit tests and the rank comparison
+def test_clients_of_ranks_4_8_16_learn_together(tmp_path: Path, tiny_llama: Path, strategy: str) -> None:
+    """The apps in process (simulations/inprocess.py): what is tested here is the strategies, not `flwr run`."""
+    overrides, rounds = simulate(
+        tmp_path,
+        {
+            **TINY_RUN,
+            "model.name": str(tiny_llama),
+            "strategy.name": strategy,
+            "adapter.r": 16,
+            "adapter.rank-tiers": "4,8,16",
+        },
+        in_process=True,
+    )
+    check_run(overrides, rounds, "eval-perplexity")
+    # Each of the 3 clients replied with its own rank: bytes up are those of ranks 4, 8 and 16.
+    state = adapter_state(runtime.workbench(from_run_config(overrides)).model)
+    expected = sum(to_record(resize_state(state, rank)).count_bytes() for rank in (4, 8, 16))
+    assert all(entry["bytes-up"] == expected for entry in rounds[1:])

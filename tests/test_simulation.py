@@ -7,12 +7,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from e2e import check_run, simulate
+from e2e import TINY_RUN, check_run, simulate
 
-from fedlora import runtime
-from fedlora.adapter import adapter_state, resize_state
-from fedlora.config import from_run_config
-from fedlora.wire import to_record
 from simulations.run import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test here runs `flwr run`
@@ -36,17 +32,6 @@ def test_minilm_classification_fedavg_factors(tmp_path: Path) -> None:
 
 
 # Two rounds of the tiny Llama on chatterbot, at learning rates that move its loss that fast.
-TINY_RUN = {
-    "data.source": "chatterbot",
-    "data.test-size": 60,
-    "data.max-examples": 600,
-    "num-server-rounds": 2,
-    "train.local-steps": 8,
-    "train.lr": 0.01,
-    "train.lr-min": 0.005,
-}
-
-
 def test_tiny_llama_causal_lm_fedavg_products_float16(tmp_path: Path, tiny_llama: Path) -> None:
     overrides, rounds = simulate(
         tmp_path,
@@ -60,25 +45,6 @@ def test_tiny_llama_causal_lm_fedavg_products_float16(tmp_path: Path, tiny_llama
     )
     check_run(overrides, rounds, "eval-perplexity")
     assert all(0 < r["truncation-error-max"] < 1 for r in rounds[1:])
-
-
-@pytest.mark.parametrize("strategy", ["flexlora", "flora"])  # hetlora: unit tests and the rank comparison
-def test_clients_of_ranks_4_8_16_learn_together(tmp_path: Path, tiny_llama: Path, strategy: str) -> None:
-    overrides, rounds = simulate(
-        tmp_path,
-        {
-            **TINY_RUN,
-            "model.name": str(tiny_llama),
-            "strategy.name": strategy,
-            "adapter.r": 16,
-            "adapter.rank-tiers": "4,8,16",
-        },
-    )
-    check_run(overrides, rounds, "eval-perplexity")
-    # Each of the 3 clients replied with its own rank: bytes up are those of ranks 4, 8 and 16.
-    state = adapter_state(runtime.workbench(from_run_config(overrides)).model)
-    expected = sum(to_record(resize_state(state, rank)).count_bytes() for rank in (4, 8, 16))
-    assert all(entry["bytes-up"] == expected for entry in rounds[1:])
 
 
 def test_the_documented_example_strategy_runs(tmp_path: Path) -> None:

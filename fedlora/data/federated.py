@@ -67,6 +67,8 @@ def partition_split(
     settings: DataSettings, partitioner: Partitioner, partition_id: int, seed: int
 ) -> tuple[Dataset, Dataset]:
     """Partition ``partition_id`` split into ``(train, validation)``; a clear error when it is (nearly) empty."""
+    if not 0 <= partition_id < partitioner.num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{partitioner.num_partitions - 1}")
     partition = partitioner.load_partition(partition_id)
     if len(partition) < 2:
         raise ConfigError(
@@ -83,12 +85,3 @@ def local_split(data: Dataset, val_fraction: float, seed: int) -> tuple[Dataset,
         raise ValueError(f"node data holds {len(data)} example(s); it needs at least 2 (train and validation)")
     split = data.train_test_split(test_size=val_fraction, seed=seed)
     return split["train"], split["test"]
-
-
-def client_partition(
-    settings: DataSettings, pool: Dataset, partition_id: int, num_partitions: int, seed: int
-) -> tuple[Dataset, Dataset]:
-    """Client ``partition_id``'s ``(train, validation)`` split of the pool."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    return partition_split(settings, make_partitioner(settings, num_partitions, pool, seed), partition_id, seed)
