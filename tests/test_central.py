@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from safetensors.torch import load_file
 
-from client_app.app import evaluate_adapter, train
-from fedlora import runtime
+from client_app.app import evaluate_adapter
+from fedlora import central, runtime
 from fedlora.adapter import adapter_state, drop_base_weights, load_adapter_state
 from fedlora.config import ConfigError, from_run_config
-from fedlora.keys import CENTRAL, CONFIG
+from fedlora.keys import ARRAYS, CENTRAL, CONFIG, SERVER_ROUND
 from fedlora.report import save_adapter
-from server_app.app import run_server
+from fedlora.wire import to_record
+from simulations.inprocess import run_in_process
 
 
 def llama_run(tiny_llama: Path, **extra: object) -> dict:
@@ -35,66 +36,35 @@ def llama_run(tiny_llama: Path, **extra: object) -> dict:
     }
 
 
-class WorkerGrid:
-    """Nodes 5 and 6 (partitions 0 and 1) answer through the real ClientApp, in this process."""
-
-    pull_interval = 0.0
-
-    def __init__(self, run_config: dict) -> None:
-        self.run_config = run_config
-        self.replies: list[Message] = []
-        self.central_requests = 0
-
-    def _answer(self, message: Message) -> Message:
-        node = message.metadata.dst_node_id
-        node_config = {"partition-id": node - 5, "num-partitions": 2}
-        context = Context(
-            run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config=self.run_config
-        )
-        if message.metadata.message_type == MessageType.TRAIN:
-            return train(message, context)
-        self.central_requests += 1
-        assert message.content[CONFIG].get(CENTRAL)  # fraction-evaluate = 0: no client evaluation
-        return evaluate_adapter(message, context)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = f"m{len(self.replies)}"
-            ids.append(message.metadata.message_id)
-            self.replies.append(self._answer(message))
-        return ids
-
-    def pull_messages(self, ids: set[str]) -> list[Message]:
-        found = [r for r in self.replies if r.metadata.reply_to_message_id in ids]
-        self.replies = [r for r in self.replies if r not in found]
-        return found
-
-    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(set(self.push_messages(messages)))
-
-    def get_node_ids(self) -> list[int]:
-        return [6, 5]
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("flower_identity")
 def test_a_worker_computes_the_central_evaluation_the_server_would(tmp_path: Path, tiny_llama: Path) -> None:
-    runtime.clear_caches()
     results = {}
     for where in ("server", "worker"):
+        runtime.clear_caches()
         overrides = llama_run(tiny_llama, **{"eval.central": where, "output-dir": str(tmp_path / where)})
-        grid = WorkerGrid(overrides)
-        run_server(grid, from_run_config(overrides))  # type: ignore[arg-type]
-        rounds = json.loads((tmp_path / where / "metrics.json").read_text())["rounds"]
+        rounds = run_in_process(overrides, nodes=2)
         results[where] = [r["server-eval"] for r in rounds]
-        assert grid.central_requests == (3 if where == "worker" else 0)  # rounds 0, 1 and 2
         assert all("evaluate-sampled" not in r.get("clients", {}) for r in rounds)  # not counted as a client's
     assert results["worker"] == [pytest.approx(m, rel=1e-6) for m in results["server"]]
     assert results["worker"][0]["num-examples"] == 12
     assert results["worker"][2]["eval-loss"] < results["worker"][0]["eval-loss"]  # it evaluated trained adapters
     server, worker = (load_file(tmp_path / w / "adapter" / "adapter_model.safetensors") for w in ("server", "worker"))
     assert server.keys() == worker.keys() and all(torch.equal(server[k], worker[k]) for k in server)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_central_request_is_answered_on_the_servers_test_split(tiny_llama: Path) -> None:
+    overrides = llama_run(tiny_llama)
+    cfg = from_run_config(overrides)
+    state = adapter_state(runtime.workbench(cfg).model)
+    content = RecordDict({ARRAYS: to_record(state), CONFIG: ConfigRecord({SERVER_ROUND: 1, CENTRAL: True})})
+    request = Message(content=content, dst_node_id=5, message_type=MessageType.EVALUATE)
+    request.metadata.__dict__["_message_id"] = "m1"
+    node_config = {"partition-id": 0, "num-partitions": 2}
+    reply = evaluate_adapter(request, Context(1, 5, node_config, RecordDict(), overrides))
+    expected = central.evaluate_tasks(runtime.workbench(cfg), cfg, state)
+    assert central.read_worker_reply(cfg, reply.content) == {"": pytest.approx(expected[""], rel=1e-6)}
+    assert expected[""]["num-examples"] == 12  # the test split, not the node's validation split
 
 
 @pytest.mark.parametrize("method", ["lora", "lora-fa"])
