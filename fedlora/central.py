@@ -7,7 +7,9 @@ message marked :data:`~fedlora.keys.CENTRAL`, answered by :func:`worker_reply`):
 in a simulation, whose workers run on the same machine as the ServerApp, that
 is one base model fewer, and the ServerApp keeps only the adapter's structure
 (:func:`fedlora.adapter.drop_base_weights`) to write the final adapter.
-Both compute the same numbers, with :func:`evaluate_tasks`.
+Both compute the same numbers, with :func:`evaluate_tasks`: loss and
+perplexity or accuracy, and with ``eval.metric = exact-match`` a task metric
+on generated answers (:mod:`fedlora.task_metrics`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from torch import Tensor
 
 from fedlora import runtime
 from fedlora.adapter import load_adapter_state
-from fedlora.config import RunConfig, for_task, task_names
+from fedlora.config import ConfigError, RunConfig, for_task, task_names
 from fedlora.keys import NUM_EXAMPLES, task_metrics, task_state
+from fedlora.models import CAUSAL_LM, resolve_task
+from fedlora.task_metrics import greedy_exact_match
 from fedlora.training import evaluate
 
 SERVER, WORKER = "server", "worker"
+EXACT_MATCH = "exact-match"
 
 
 def placement(cfg: RunConfig, grid: Grid) -> str:
@@ -50,13 +55,29 @@ def evaluate_tasks(bench: runtime.Workbench, cfg: RunConfig, state: dict[str, Te
     """
     per_task = {}
     for task in task_names(cfg) or [""]:
-        loader = bench.loader(runtime.test_set(for_task(cfg, task) if task else cfg), cfg.eval.batch_size)
+        task_cfg = for_task(cfg, task) if task else cfg
+        loader = bench.loader(runtime.test_set(task_cfg), cfg.eval.batch_size)
         bench.method.activate(bench.model, task)
         load_adapter_state(bench.model, task_state(state, task) if task else state)
         with torch.inference_mode():
             per_task[task] = evaluate(bench.model, loader, bench.task)
+        if cfg.eval.metric == EXACT_MATCH:
+            rows = runtime.test_examples(task_cfg)
+            rows = rows.select(range(min(cfg.eval.generate_examples, len(rows))))
+            per_task[task][f"eval-{EXACT_MATCH}"] = greedy_exact_match(
+                bench.model, bench.tokenizer, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size
+            )
     bench.method.activate(bench.model, "")
     return per_task
+
+
+def check_metric(cfg: RunConfig) -> None:
+    """``eval.metric = exact-match`` needs answers to generate: a causal LM (raises :class:`ConfigError`)."""
+    if cfg.eval.metric == EXACT_MATCH and resolve_task(cfg.model.name, cfg.model.task) != CAUSAL_LM:
+        raise ConfigError(
+            f"eval.metric='{EXACT_MATCH}' generates answers, so it needs a causal LM; model '{cfg.model.name}' is "
+            "a classifier here (its accuracy is reported already)"
+        )
 
 
 def mean_over_tasks(per_task: dict[str, dict[str, float]]) -> dict[str, float]:

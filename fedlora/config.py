@@ -374,6 +374,18 @@ class EvalSettings:
         "`auto`: `worker` in simulation, `server` in deployment.",
         ("auto", "worker", "server"),
     )
+    metric: str = _opt(
+        "loss",
+        "What the central evaluation reports besides loss and perplexity (causal LM) or accuracy (classification): "
+        "`exact-match` also answers the first `generate-examples` test prompts greedily and reports "
+        "`eval-exact-match`, the fraction of answers equal to the reference after normalisation (case, "
+        "punctuation, articles, spaces): accuracy for classification-as-generation. Causal LM only.",
+        ("loss", "exact-match"),
+    )
+    generate_examples: int = _opt(
+        32, "`exact-match`: test examples answered per evaluation (each costs a generation of its answer)."
+    )
+    max_new_tokens: int = _opt(32, "`exact-match`: longest answer generated, in tokens.")
 
 
 @dataclass(frozen=True)
@@ -515,6 +527,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "eval.batch-size": cfg.eval.batch_size >= 1,
+        "eval.generate-examples": cfg.eval.generate_examples >= 1,
+        "eval.max-new-tokens": cfg.eval.max_new_tokens >= 1,
         "cohort.clients": cfg.cohort.clients >= 0,
         "cohort.size": cfg.cohort.size >= 1 and (cfg.cohort.clients == 0 or cfg.cohort.size <= cfg.cohort.clients),
     }

@@ -45,16 +45,23 @@ def generate(
     config: GenerationConfig,
     batch_size: int = 8,
 ) -> list[str]:
-    """One answer per prompt, ``batch_size`` prompts at a time (greedy or sampled, as ``config`` says)."""
-    tokenizer.padding_side = "left"  # a decoder continues the last position: pads go before the prompt
+    """One answer per prompt, ``batch_size`` prompts at a time (greedy or sampled, as ``config`` says).
+
+    The tokenizer pads on the left meanwhile and is given back as it came (a
+    worker's tokenizer also pads its training batches, on the right).
+    """
     config = copy.copy(config)
     config.pad_token_id = tokenizer.pad_token_id  # many decoders have none of their own (load_tokenizer sets it)
     device = next(model.parameters()).device
     answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [chat_prompt(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.inference_mode():
-            output = model.generate(**batch, generation_config=config)
-        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # a decoder continues the last position
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [chat_prompt(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                output = model.generate(**batch, generation_config=config)
+            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
     return [answer.strip() for answer in answers]

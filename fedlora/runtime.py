@@ -213,10 +213,15 @@ def _by_length(dataset: Dataset) -> Dataset:
     return dataset.select(sorted(range(len(dataset)), key=lengths.__getitem__))
 
 
+def test_examples(cfg: RunConfig) -> Dataset:
+    """The server's held-out test split as rows of the data source (what :func:`test_set` tokenises)."""
+    return _split(cfg)[0]
+
+
 def test_set(cfg: RunConfig) -> Dataset:
     """The server's held-out test split, tokenised and sorted by length (its metrics do not depend on the order)."""
     key = (cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length)
-    return _TEST.get(key, lambda: _by_length(_tokenized(cfg, _split(cfg)[0])))
+    return _TEST.get(key, lambda: _by_length(_tokenized(cfg, test_examples(cfg))))
 
 
 def _partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:

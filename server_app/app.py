@@ -159,6 +159,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     not fit this run.
     """
     strategy = build_strategy(cfg)  # fails on a bad strategy name before anything loads
+    central.check_metric(cfg)
     if cfg.cohort.clients:
         runtime.check_cohort_data(cfg)
     on_worker = central.placement(cfg, grid) == central.WORKER
