@@ -25,7 +25,7 @@ def _generate(args: argparse.Namespace) -> int:
     from fedlora.generate import generate, load_for_generation, read_prompts
 
     prompts = read_prompts(args.prompts)
-    model, tokenizer = load_for_generation(args.model, args.adapter, args.trust_remote_code)
+    model, tokenizer = load_for_generation(args.model, args.adapter, args.trust_remote_code, args.chat_template)
     sampled = args.temperature > 0
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     gen.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
+    gen.add_argument(
+        "--chat-template", default="auto", help="the run's model.chat-template: auto (default), none or a file"
+    )
 
     args = parser.parse_args(argv)
     try:

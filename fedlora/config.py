@@ -142,6 +142,14 @@ class ModelSettings:
         "`qlora` loads its base in 4 bits instead.",
         methods=tuple(m for m in (*LORA_FAMILY, "vera", *PROMPT_METHODS) if m != "qlora"),
     )
+    chat_template: str = _opt(
+        "auto",
+        "How a causal-LM example (prompt, response) becomes text: `auto` uses the tokenizer's own chat template "
+        "(user = prompt, assistant = response; a model without one gets `prompt\\nresponse<eos>`), `none` that "
+        "plain format even where there is a template, or the path of a Jinja chat template file (as in a "
+        "tokenizer's `chat_template`; it must render the prompt the same with and without the answer). "
+        "`fedlora generate --chat-template` takes the same value.",
+    )
     trust_remote_code: bool = _opt(
         False,
         "Run the Python code a model folder or hub id ships with (`trust_remote_code` of transformers); only for "

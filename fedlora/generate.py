@@ -28,12 +28,15 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def load_for_generation(
-    model_name: str, adapter: Path, trust_remote_code: bool = False
+    model_name: str, adapter: Path, trust_remote_code: bool = False, chat_template: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base (``model.name`` as a run takes it) with the adapter folder on top, and its tokenizer."""
+    """The base (``model.name`` as a run takes it) with the adapter folder on top, and its tokenizer.
+
+    ``chat_template`` is the run's ``model.chat-template``, so prompts are put as training put them.
+    """
     ref = model_dir(model_name)
     with remote_code(trust_remote_code):
-        tokenizer = load_tokenizer(ref)
+        tokenizer = load_tokenizer(ref, chat_template)
         model = PeftModel.from_pretrained(load_base_model(ref, CAUSAL_LM, 0), adapter)
     return model.eval(), tokenizer
 

@@ -130,7 +130,7 @@ def _build_workbench(cfg: RunConfig, task: str, num_labels: int) -> Workbench:
     path = model_dir(cfg.model.name, cfg.model.cache_dir)
     torch.manual_seed(cfg.run.seed)  # same head, adapter and shared frozen parts on every party
     with remote_code(cfg.model.trust_remote_code):
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, cfg.model.chat_template)
         base = method.load_base(path, task, num_labels, cfg)
     stats["base-loads"] += 1
     model = build_adapter_model(base, cfg, task)
@@ -197,7 +197,7 @@ def check_cohort_data(cfg: RunConfig) -> None:
 def _tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     def build() -> PreTrainedTokenizerBase:
         with remote_code(cfg.model.trust_remote_code):
-            return load_tokenizer(model_dir(cfg.model.name, cfg.model.cache_dir))
+            return load_tokenizer(model_dir(cfg.model.name, cfg.model.cache_dir), cfg.model.chat_template)
 
     return _TOKENIZER.get((cfg.model,), build)
 
