@@ -336,8 +336,8 @@ class TrainSettings:
         "Compute dtype of local training: `bfloat16` and `float16` run forward and backward under torch autocast "
         "(weights, gradients and optimizer stay float32); on a GPU it is what makes batched cohorts fast. "
         "`float16` (for GPUs without bfloat16) also scales the loss with torch's `GradScaler`, which skips a step "
-        "whose gradients overflowed; a cohort is then trained one client after another. On a CPU both run but "
-        "are no faster than float32.",
+        "whose gradients overflowed; a cohort is then trained one client after another. It is for GPUs without "
+        "bfloat16: on a CPU it runs (tests use it) but much slower than float32.",
         ("float32", "bfloat16", "float16"),
     )
     gradient_checkpointing: bool = _opt(
