@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from safetensors.torch import load_file
 
 from client_app.app import evaluate_adapter
@@ -86,6 +87,13 @@ def test_the_adapter_survives_dropping_the_base(tmp_path: Path, tiny_llama: Path
     assert configs[0] == configs[1]
 
 
-def test_central_placement_is_validated() -> None:
+def test_central_placement_is_a_worker_in_simulation_only_by_default() -> None:
+    simulation = object.__new__(InMemoryGrid)  # the grid type Flower's simulation hands the ServerApp
+    deployment = object()  # anything else: a deployed ServerApp's grid talks to a SuperLink
+    auto = from_run_config({})
+    assert central.placement(auto, simulation) == "worker"  # type: ignore[arg-type]
+    assert central.placement(auto, deployment) == "server"  # type: ignore[arg-type]
+    assert central.placement(from_run_config({"eval.central": "server"}), simulation) == "server"  # type: ignore[arg-type]
+    assert central.placement(from_run_config({"eval.central": "worker"}), deployment) == "worker"  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"eval\.central"):
         from_run_config({"eval.central": "elsewhere"})
