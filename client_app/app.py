@@ -45,7 +45,7 @@ from flwr.common.logger import log
 from torch import Tensor
 
 import fedlora.quiet  # noqa: F401  # installs the third-party warning filters before fedlora loads
-from fedlora import runtime
+from fedlora import central, runtime
 from fedlora.adapter import (
     adapter_state,
     fit_state,
@@ -60,6 +60,7 @@ from fedlora.cohort.train import CohortMember, train_cohort
 from fedlora.config import RunConfig, client_rank, client_task, for_task, from_run_config, task_names
 from fedlora.keys import (
     ARRAYS,
+    CENTRAL,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
@@ -335,7 +336,14 @@ def _evaluate(got: Received) -> RecordDict:
 
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on the node's validation split (each virtual client's, for a cohort)."""
+    """Evaluate the received adapter on the node's validation split (each virtual client's, for a cohort).
+
+    A message marked ``central`` asks for the server's central evaluation
+    instead (``eval.central = worker``): the global adapter on the server's test split, per task.
+    """
+    if msg.content[CONFIG].get(CENTRAL):
+        cfg = from_run_config(context.run_config)
+        return Message(content=central.worker_reply(cfg, from_record(msg.content[ARRAYS])), reply_to=msg)
     if protocol.is_cohort(msg.content):
         members, failed = _cohort(msg, from_run_config(context.run_config))
         return Message(content=protocol.reply({**failed, **_each(members, _evaluate)}), reply_to=msg)

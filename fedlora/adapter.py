@@ -47,6 +47,25 @@ def build_adapter_model(base: PreTrainedModel, cfg: RunConfig, task: str) -> Pef
     return model
 
 
+def drop_base_weights(model: PeftModel) -> None:
+    """Replace every parameter of the frozen base by an empty one on the meta device (no memory).
+
+    What is left is the adapter on the base's structure: enough to load a global
+    adapter into (:func:`load_adapter_state`, a residual included) and to write
+    it with peft's ``save_pretrained``, neither of which reads a base weight;
+    the model can no longer run. A parameter is the adapter's when it trains or
+    peft named it after one of the model's adapters (``….lora_A.default.weight``,
+    ``….modules_to_save.default.…``), frozen or not (LoRA-FA's shared A).
+    """
+    adapters = set(model.peft_config)
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not param.requires_grad and not adapters & set(f"{module_name}.{name}".split(".")):
+                module.register_parameter(
+                    name, torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), False)
+                )
+
+
 def trainable_names(model: torch.nn.Module) -> list[str]:
     """The keys of :func:`adapter_state`, without copying any tensor."""
     return list(_trainable(model))

@@ -49,7 +49,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise ValueError(f"with --adapters, every request of {args.prompts} names its 'adapter'; line {missing[0]}")
         adapters = [request["adapter"] for request in requests]
     folders = _adapter_folders(args.adapters) if args.adapters else args.adapter
-    model, tokenizer = load_for_generation(args.model, folders, args.trust_remote_code)
+    model, tokenizer = load_for_generation(args.model, folders, args.trust_remote_code, args.chat_template)
     sampled = args.temperature > 0
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     gen.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
+    gen.add_argument(
+        "--chat-template", default="auto", help="the run's model.chat-template: auto (default), none or a file"
+    )
 
     central = commands.add_parser(
         "centralised", help="the centralised baseline of a run config: its training on the pooled client data"

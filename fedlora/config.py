@@ -163,6 +163,21 @@ class ModelSettings:
         ("auto", "causal-lm", "classification", "reward"),
     )
     cache_dir: str = _opt("", "Where converted models are cached; empty means $FEDLORA_CACHE or ~/.cache/fedlora.")
+    load_in_8bit: bool = _opt(
+        False,
+        "Load the frozen base with 8-bit weights (bitsandbytes LLM.int8(), heads in float32): about a quarter of "
+        "float32's weight memory, slower matmuls. Works on CPU and GPU; a FLoRA residual cannot be merged into it. "
+        "`qlora` loads its base in 4 bits instead.",
+        methods=tuple(m for m in (*LORA_FAMILY, "vera", *PROMPT_METHODS) if m != "qlora"),
+    )
+    chat_template: str = _opt(
+        "auto",
+        "How a causal-LM example (prompt, response) becomes text: `auto` uses the tokenizer's own chat template "
+        "(user = prompt, assistant = response; a model without one gets `prompt\\nresponse<eos>`), `none` that "
+        "plain format even where there is a template, or the path of a Jinja chat template file (as in a "
+        "tokenizer's `chat_template`; it must render the prompt the same with and without the answer). "
+        "`fedlora generate --chat-template` takes the same value.",
+    )
     trust_remote_code: bool = _opt(
         False,
         "Run the Python code a model folder or hub id ships with (`trust_remote_code` of transformers); only for "
@@ -406,9 +421,12 @@ class TrainSettings:
     )
     precision: str = _opt(
         "float32",
-        "Compute dtype of local training: `bfloat16` runs forward and backward under torch autocast (weights, "
-        "gradients and optimizer stay float32); on a GPU it is what makes batched cohorts fast.",
-        ("float32", "bfloat16"),
+        "Compute dtype of local training: `bfloat16` and `float16` run forward and backward under torch autocast "
+        "(weights, gradients and optimizer stay float32); on a GPU it is what makes batched cohorts fast. "
+        "`float16` (for GPUs without bfloat16) also scales the loss with torch's `GradScaler`, which skips a step "
+        "whose gradients overflowed; a cohort is then trained one client after another. It is for GPUs without "
+        "bfloat16: on a CPU it runs (tests use it) but much slower than float32.",
+        ("float32", "bfloat16", "float16"),
     )
     gradient_checkpointing: bool = _opt(
         False,
@@ -442,6 +460,28 @@ class EvalSettings:
     """Evaluation, central and client-side."""
 
     batch_size: int = _opt(16, "Evaluation batch size.")
+    central: str = _opt(
+        "auto",
+        "Where the central evaluation (the global adapter on the server's test split) runs: `worker` sends it to "
+        "one node as an `evaluate` message, and that node evaluates with the base model it already holds for "
+        "training, so the ServerApp holds no base model of its own (it loads one at start for the initial adapter, "
+        "then keeps only the adapter); `server` evaluates in the ServerApp on a base it keeps for the whole run (the "
+        "nodes never compute the server's metrics: for a deployment whose nodes are not trusted with them); "
+        "`auto`: `worker` in simulation, `server` in deployment.",
+        ("auto", "worker", "server"),
+    )
+    metric: str = _opt(
+        "loss",
+        "What the central evaluation reports besides loss and perplexity (causal LM) or accuracy (classification): "
+        "`exact-match` also answers the first `generate-examples` test prompts greedily and reports "
+        "`eval-exact-match`, the fraction of answers equal to the reference after normalisation (case, "
+        "punctuation, articles, spaces): accuracy for classification-as-generation. Causal LM only.",
+        ("loss", "exact-match"),
+    )
+    generate_examples: int = _opt(
+        32, "`exact-match`: test examples answered per evaluation (each costs a generation of its answer)."
+    )
+    max_new_tokens: int = _opt(32, "`exact-match`: longest answer generated, in tokens.")
 
 
 @dataclass(frozen=True)
@@ -711,6 +751,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "bottleneck.size": 1 <= cfg.bottleneck.size <= MAX_RANK,
         "eval.batch-size": cfg.eval.batch_size >= 1,
+        "eval.generate-examples": cfg.eval.generate_examples >= 1,
+        "eval.max-new-tokens": cfg.eval.max_new_tokens >= 1,
         "cohort.clients": cfg.cohort.clients >= 0,
         "cohort.size": cfg.cohort.size >= 1 and (cfg.cohort.clients == 0 or cfg.cohort.size <= cfg.cohort.clients),
         "secagg.num-shares": cfg.secagg.num_shares >= 0,

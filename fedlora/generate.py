@@ -41,18 +41,22 @@ def read_requests(path: Path) -> list[dict[str, str]]:
 
 
 def load_for_generation(
-    model_name: str, adapter: Path | Mapping[str, Path], trust_remote_code: bool = False
+    model_name: str,
+    adapter: Path | Mapping[str, Path],
+    trust_remote_code: bool = False,
+    chat_template: str = "auto",
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The base (``model.name`` as a run takes it) with an adapter folder on top, and its tokenizer.
 
     ``adapter`` may map names to folders instead: all of them are loaded over
     the one base, under those names, for :func:`generate`'s ``adapters``.
+    ``chat_template`` is the run's ``model.chat-template``, so prompts are put as training put them.
     """
     folders = dict(adapter) if isinstance(adapter, Mapping) else {SHARED_ADAPTER: adapter}
     (first, folder), *rest = folders.items()
     ref = model_dir(model_name)
     with remote_code(trust_remote_code):
-        tokenizer = load_tokenizer(ref)
+        tokenizer = load_tokenizer(ref, chat_template)
         base = load_base_model(ref, CAUSAL_LM, 0)
         if not rest:  # one folder, whichever method saved it (LoRAMoE's routers are files beside peft's)
             model = load_saved(base, folder)
@@ -75,23 +79,28 @@ def generate(
 
     ``adapters`` names each prompt's adapter (``"__base__"``: none); a batch
     then mixes adapters, each row through its own, in one pass of the base.
-    Without it every prompt goes through the active adapter.
+    Without it every prompt goes through the active adapter. The tokenizer pads
+    on the left meanwhile and is given back as it came (a worker's tokenizer
+    also pads its training batches, on the right).
     """
     if adapters is not None:
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
         if unknown := sorted(set(adapters) - {*model.peft_config, BASE_ONLY}):
             raise ValueError(f"unknown adapter(s) {', '.join(unknown)}; loaded: {', '.join(model.peft_config)}")
-    tokenizer.padding_side = "left"  # a decoder continues the last position: pads go before the prompt
     config = copy.copy(config)
     config.pad_token_id = tokenizer.pad_token_id  # many decoders have none of their own (load_tokenizer sets it)
     device = next(model.parameters()).device
     answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [chat_prompt(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        mixed = {} if adapters is None else {"adapter_names": adapters[start : start + batch_size]}
-        with torch.inference_mode():
-            output = model.generate(**batch, generation_config=config, **mixed)
-        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # a decoder continues the last position
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [chat_prompt(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            mixed = {} if adapters is None else {"adapter_names": adapters[start : start + batch_size]}
+            with torch.inference_mode():
+                output = model.generate(**batch, generation_config=config, **mixed)
+            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
     return [answer.strip() for answer in answers]

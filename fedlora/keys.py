@@ -183,3 +183,11 @@ SA_ENCRYPTION_KEY, SA_MASK_KEY, SA_SHARES, SA_COMMITMENT = "encryption-key", "ma
 
 SA_REJECTED, SA_REASONS, SA_ALIVE, SA_DROPPED, SA_STATE = "rejected", "reasons", "alive", "dropped", "state"
 """Stage entries: neighbours whose share was bad and why; whose seeds / keys to reveal; the client's kept secrets."""
+
+CENTRAL = "central"
+"""Config entry of an ``evaluate`` message that asks a worker for the central evaluation (``eval.central = worker``)."""
+
+
+def task_metrics(task: str) -> str:
+    """The MetricRecord holding ``task``'s central evaluation in a worker's reply (:data:`METRICS` without tasks)."""
+    return f"{METRICS}-{task}" if task else METRICS

@@ -39,8 +39,12 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
+from fedlora.config import ConfigError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAUSAL_LM, CLASSIFICATION, REWARD = "causal-lm", "classification", "reward"
+FULL_PRECISION_MODULES = ["lm_head", "classifier", "score"]
+"""Modules a quantised base keeps in float: the output layers, which are small next to the body or train."""
 
 ModelRef = Path | str
 """What ``from_pretrained`` loads: a local model folder, or a Hugging Face model id (resolved through its cache)."""
@@ -171,11 +175,26 @@ def resolve_task(name: str, task: str) -> str:
     return CLASSIFICATION if name == "minilm" else CAUSAL_LM
 
 
-def load_tokenizer(path: ModelRef) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it can pad (decoder LMs often lack a pad token)."""
+def load_tokenizer(path: ModelRef, chat_template: str = "auto") -> PreTrainedTokenizerBase:
+    """Load a tokenizer, make sure it can pad (decoder LMs often lack a pad token) and set its chat template.
+
+    ``chat_template`` is ``model.chat-template``: ``auto`` keeps the model's own
+    (a model without one gets :mod:`fedlora.data.tokenize`'s plain format),
+    ``none`` drops it for that plain format, anything else is the path of a
+    Jinja chat template file, as transformers' ``chat_template`` takes it.
+    """
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=_trust_remote_code.get())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template == "none":
+        tokenizer.chat_template = None
+    elif chat_template != "auto":
+        file = Path(chat_template).expanduser()
+        if not file.is_file():
+            raise ConfigError(
+                f"model.chat-template='{chat_template}' is neither 'auto', 'none' nor a chat template file"
+            )
+        tokenizer.chat_template = file.read_text(encoding="utf-8")
     return tokenizer
 
 

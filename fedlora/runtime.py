@@ -132,7 +132,7 @@ def _build_workbench(cfg: RunConfig, task: str, num_labels: int) -> Workbench:
     path = model_dir(cfg.model.name, cfg.model.cache_dir)
     torch.manual_seed(cfg.run.seed)  # same head, adapter and shared frozen parts on every party
     with remote_code(cfg.model.trust_remote_code):
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, cfg.model.chat_template)
         base = method.load_base(path, task, num_labels, cfg)
     stats["base-loads"] += 1
     model = build_adapter_model(base, cfg, task)
@@ -202,7 +202,7 @@ def check_cohort_data(cfg: RunConfig) -> None:
 def _tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     def build() -> PreTrainedTokenizerBase:
         with remote_code(cfg.model.trust_remote_code):
-            return load_tokenizer(model_dir(cfg.model.name, cfg.model.cache_dir))
+            return load_tokenizer(model_dir(cfg.model.name, cfg.model.cache_dir), cfg.model.chat_template)
 
     return _TOKENIZER.get((cfg.model,), build)
 
@@ -218,10 +218,15 @@ def _by_length(dataset: Dataset) -> Dataset:
     return dataset.select(sorted(range(len(dataset)), key=lengths.__getitem__))
 
 
+def test_examples(cfg: RunConfig) -> Dataset:
+    """The server's held-out test split as rows of the data source (what :func:`test_set` tokenises)."""
+    return _split(cfg)[0]
+
+
 def test_set(cfg: RunConfig) -> Dataset:
     """The server's held-out test split, tokenised and sorted by length (its metrics do not depend on the order)."""
     key = (cfg.data, cfg.run.seed, cfg.model, cfg.train.max_length)
-    return _TEST.get(key, lambda: _by_length(_tokenized(cfg, _split(cfg)[0])))
+    return _TEST.get(key, lambda: _by_length(_tokenized(cfg, test_examples(cfg))))
 
 
 def _partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:

@@ -8,6 +8,7 @@ call would cost more than the steps themselves.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from torch.utils.data import DataLoader
 
 from fedlora.config import TrainSettings
@@ -49,10 +51,21 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for ``train.precision = bfloat16`` (weights, gradients and optimizer stay float32), else nothing."""
-    if precision == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """Autocast for ``train.precision`` bfloat16 or float16 (weights, gradients and optimizer stay float32)."""
+    if precision in ("bfloat16", "float16"):
+        return torch.autocast(device_type=device.type, dtype=getattr(torch, precision))
     return contextlib.nullcontext()
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler for float16: keeps small gradients from flushing to zero (a pass-through otherwise).
+
+    float16 has more precision than bfloat16 but far less range: unscaled, gradients
+    below about 6e-8 underflow. The scaler multiplies the loss before the
+    backward pass, divides the gradients before clipping and the step, and skips
+    a step whose gradients overflowed (lowering the scale for the next one).
+    """
+    return torch.amp.GradScaler(device.type, enabled=precision == "float16")
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -135,7 +148,8 @@ def train_steps(
     so each micro-batch's loss is weighted by its share of the step's targets:
     the step is then the one of a single batch of all of them, not the mean of
     unequal micro-batch means. ``after_step(i)`` runs after optimizer step
-    ``i``, while the gradients are still there (AdaLoRA's budget allocator reads them).
+    ``i``, while the gradients are still there (AdaLoRA's budget allocator reads them),
+    unscaled under ``precision = float16`` (:func:`grad_scaler`).
     With ``proximal_mu`` > 0 every step also pulls the trainable tensors towards
     where they started (FedProx, :func:`add_proximal_gradient`); the returned loss
     is the data loss alone.
@@ -144,6 +158,7 @@ def train_steps(
     params = trainable_parameters(model)
     device = params[0].device
     anchor = [p.detach().clone() for p in params] if proximal_mu else []
+    scaler = grad_scaler(precision, device)
     losses = []
     for step, group in enumerate(_step_groups(loader, steps, accumulation, epochs)):
         total = sum(_targets(batch) for batch in group)
@@ -153,18 +168,33 @@ def train_steps(
                 loss = batch_loss(model, _to(batch, device)) * (_targets(batch) / total)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += loss.item()
+        scaler.unscale_(optimizer)
         if proximal_mu:
             add_proximal_gradient(params, anchor, proximal_mu)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped if a gradient overflowed in float16
+        scaler.update()
         if after_step:
             after_step(step)
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
     return sum(losses) / len(losses)
+
+
+def _scored_positions(labels: torch.Tensor) -> int:
+    """How many last positions' logits a causal-LM loss reads: from the one before the batch's first answer token.
+
+    The prompt before it (a chat template's system text included) needs no
+    logits, and the vocabulary projection is a fifth of a small model's compute
+    per token, so :func:`evaluate` asks the model only for these (transformers'
+    ``logits_to_keep``).
+    """
+    answer = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    first = int(answer[0]) + 1 if len(answer) else labels.shape[1]
+    return labels.shape[1] - first + 1
 
 
 @torch.no_grad()
@@ -179,6 +209,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str,
     """
     model.eval()
     device = next(model.parameters()).device
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
     total_loss, total_count, correct, examples = 0.0, 0, 0, 0
     for batch in loader:
         batch = _to(batch, device)
@@ -190,14 +222,17 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, task: str) -> dict[str,
             examples += len(chosen)
             continue
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
         if task == CLASSIFICATION:
+            logits = model(**batch).logits.float()
             loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
             count = labels.numel()
             correct += int((logits.argmax(-1) == labels).sum())
         else:
-            logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual-token positions
-            targets = labels[:, 1:]
+            keep = _scored_positions(labels)
+            kwargs = {"logits_to_keep": keep} if keeps_logits else {}
+            # The last `keep` positions (prompt tuning prepends virtual-token positions before them).
+            logits = model(**batch, **kwargs).logits[:, -keep:].float()
+            targets = labels[:, labels.shape[1] - keep + 1 :]
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
             )

@@ -16,16 +16,13 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from torch import Tensor
-from torch.utils.data import DataLoader
 
 import fedlora.quiet  # noqa: F401  # installs the third-party warning filters before fedlora loads
-from fedlora import runtime
-from fedlora.adapter import load_adapter_state
+from fedlora import central, runtime
+from fedlora.adapter import drop_base_weights, load_adapter_state
 from fedlora.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -35,10 +32,9 @@ from fedlora.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from fedlora.config import RunConfig, default_run_config, for_task, from_run_config, task_names
-from fedlora.keys import NUM_EXAMPLES, SHARED_ADAPTER, task_adapter, task_state
+from fedlora.config import RunConfig, default_run_config, from_run_config, task_names
+from fedlora.keys import ARRAYS, CENTRAL, CONFIG, NUM_EXAMPLES, SERVER_ROUND, SHARED_ADAPTER, task_adapter
 from fedlora.report import RoundReport, save_adapter
-from fedlora.training import evaluate
 from fedlora.wire import from_record, to_record
 from strategies import build_strategy
 
@@ -132,30 +128,21 @@ def summary_table(rounds: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def evaluate_tasks(
-    bench: runtime.Workbench, loaders: dict[str, DataLoader], state: dict[str, Tensor]
-) -> dict[str, dict]:
-    """Central evaluation of ``state``, per task: the shared adapter with that task's (one entry "" without tasks).
+def ask_worker(grid: Grid, arrays: ArrayRecord, server_round: int) -> RecordDict:
+    """The central evaluation of ``arrays`` by one node (``eval.central = worker``): its reply's content.
 
-    Under ``torch.inference_mode``, cheaper than ``no_grad``: the server's model
-    only ever evaluates, so no tensor it makes is needed by autograd later.
+    Nodes are asked in order of their id until one answers; the request does
+    not go through :class:`ProgressGrid`, so it is not counted as a client's.
     """
-    per_task = {}
-    for task, loader in loaders.items():
-        bench.method.activate(bench.model, task)
-        load_adapter_state(bench.model, task_state(state, task) if task else state)
-        with torch.inference_mode():
-            per_task[task] = evaluate(bench.model, loader, bench.task)
-    bench.method.activate(bench.model, "")
-    return per_task
-
-
-def mean_over_tasks(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Every metric averaged over the tasks, weighted by their test examples (``num-examples``: the total)."""
-    total = sum(m[NUM_EXAMPLES] for m in per_task.values())
-    keys = set.intersection(*(set(m) for m in per_task.values())) - {NUM_EXAMPLES}
-    mean = {k: sum(m[k] * m[NUM_EXAMPLES] for m in per_task.values()) / total for k in sorted(keys)}
-    return {**mean, NUM_EXAMPLES: total}
+    errors = []
+    for node in sorted(grid.get_node_ids()):
+        content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({SERVER_ROUND: server_round, CENTRAL: True})})
+        request = Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE)
+        for answer in grid.send_and_receive([request]):
+            if not answer.has_error():
+                return answer.content
+            errors.append(f"node {node}: {answer.error.reason}")
+    raise RuntimeError(f"no node could run the central evaluation (eval.central=worker): {'; '.join(errors)}")
 
 
 @app.main()
@@ -175,9 +162,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     not fit this run.
     """
     strategy = build_strategy(cfg)  # fails on a bad strategy name before anything loads
+    central.check_metric(cfg)
     if cfg.cohort.clients:
         runtime.check_cohort_data(cfg)
-    grid = ProgressGrid(grid)  # type: ignore[assignment]  # counts clients, logs progress within a round
+    on_worker = central.placement(cfg, grid) == central.WORKER
+    progress = ProgressGrid(grid)  # counts clients, logs progress within a round
     output_dir = Path(cfg.run.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = output_dir / "checkpoint"
@@ -185,14 +174,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     if cfg.run.resume and resumed is None:
         raise CheckpointError(f"resume=true but there is no checkpoint in {checkpoint_dir}")
     done = resumed.server_round if resumed else 0
-    bench = runtime.workbench(cfg)
+    # On a worker, the ServerApp's base is only needed now: the initial adapter is drawn from the seed on it.
+    bench = runtime.workbench(cfg, reuse=False if on_worker else None)
     if resumed:
         check_resumable(resumed, cfg, bench.initial)
     tasks = task_names(cfg)
-    test_loaders = {
-        task: bench.loader(runtime.test_set(for_task(cfg, task) if task else cfg), cfg.eval.batch_size)
-        for task in tasks or [""]
-    }
     report = RoundReport(output_dir / "metrics.json", cfg.run.num_server_rounds, resumed.metrics if resumed else None)
     # The adapter as built, not the cached model's current one (an earlier run in this process may have changed it).
     latest = resumed.arrays if resumed else to_record(bench.initial, cfg.wire.dtype)
@@ -201,6 +187,15 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         strategy.round_offset = done
         strategy.round_log.update(resumed.round_log)
         restore_rng(resumed)
+    if on_worker:
+        drop_base_weights(bench.model)  # what remains loads and saves adapters
+        central.release_memory()
+        log(INFO, "central evaluation on a worker (eval.central): the ServerApp holds no base model")
+
+    def central_metrics(server_round: int, arrays: ArrayRecord) -> dict[str, dict]:
+        if on_worker:
+            return central.read_worker_reply(cfg, ask_worker(grid, arrays, server_round))
+        return central.evaluate_tasks(bench, cfg, from_record(arrays))
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal latest
@@ -209,13 +204,13 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         entry: dict[str, Any] = {}
         if server_round % cfg.run.evaluate_every == 0 or server_round == cfg.run.num_server_rounds:
             started = time.monotonic()
-            per_task = evaluate_tasks(bench, test_loaders, from_record(arrays))
-            entry["server-eval"] = per_task[""] if "" in per_task else mean_over_tasks(per_task)
+            per_task = central_metrics(server_round, arrays)
+            entry["server-eval"] = per_task[""] if "" in per_task else central.mean_over_tasks(per_task)
             entry["server-eval-s"] = round(time.monotonic() - started, 3)  # its share of round-time-s
             if tasks:
                 entry["server-eval-per-task"] = per_task
         if not (resumed and server_round == done):  # that round was recorded before the interruption
-            clients = grid.take_counts()  # type: ignore[attr-defined]
+            clients = progress.take_counts()
             entry = {**strategy.round_log.get(server_round, {}), **entry}
             report.add(server_round, {**entry, "clients": clients} if clients else entry)
             save_checkpoint(
@@ -227,7 +222,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
         return MetricRecord(entry["server-eval"]) if "server-eval" in entry else None
 
     strategy.start(
-        grid=grid,
+        grid=progress,  # type: ignore[arg-type]  # a Grid by delegation
         initial_arrays=latest,
         num_rounds=cfg.run.num_server_rounds - done,
         timeout=cfg.run.round_timeout,

@@ -120,6 +120,7 @@ class ProcessMonitor(threading.Thread):
         super().__init__(daemon=True)
         self.flwr_home, self.memory, self.interval = flwr_home, memory, interval
         self.peak = {"rss-mb": 0.0, "pss-mb": 0.0, "gpu-mb": 0.0, "processes": 0}
+        self.peak_rss_by_kind: dict[str, float] = {}  # MB, the largest sum over one kind's processes at one time
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, last CPU seconds seen)
         self._stop_event = threading.Event()
         self._gpu = memory and shutil.which("nvidia-smi") is not None
@@ -135,7 +136,11 @@ class ProcessMonitor(threading.Thread):
                     kind = OTHER if now == "gone" else now
                 self.cpu[pid] = (kind, max(_cpu_s(pid), seen))
             if self.memory:
-                rss = sum(_kib(Path(f"/proc/{p}/status"), "VmRSS") for p in pids) / 1024
+                by_pid = {p: _kib(Path(f"/proc/{p}/status"), "VmRSS") / 1024 for p in pids}
+                rss = sum(by_pid.values())
+                for kind in {self.cpu[p][0] for p in pids}:
+                    now_mb = sum(mb for p, mb in by_pid.items() if self.cpu[p][0] == kind)
+                    self.peak_rss_by_kind[kind] = round(max(self.peak_rss_by_kind.get(kind, 0.0), now_mb), 1)
                 pss = sum(_kib(Path(f"/proc/{p}/smaps_rollup"), "Pss") for p in pids) / 1024
                 sample = {"rss-mb": rss, "pss-mb": pss, "gpu-mb": self._gpu_mb(), "processes": len(pids)}
                 self.peak = {k: max(v, sample[k]) for k, v in self.peak.items()}

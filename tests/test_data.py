@@ -104,6 +104,30 @@ def test_causal_lm_labels_cover_only_the_answer() -> None:
         assert source["prompt"] in tokenizer.decode(row["input_ids"])
 
 
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def test_chat_template_none_or_from_a_file(tmp_path: Path) -> None:
+    data = Dataset.from_dict({"prompt": ["Say hi."], "response": ["Hi there!"]})
+    plain = load_tokenizer(model_dir("smollm2"), "none")
+    row = tokenize(data, plain, CAUSAL_LM, max_length=64)[0]
+    assert plain.decode(row["input_ids"]) == "Say hi.\nHi there!<|im_end|>"  # no system prompt, no roles
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    mine = load_tokenizer(model_dir("smollm2"), str(tmp_path / "chat.jinja"))
+    row = tokenize(data, mine, CAUSAL_LM, max_length=64)[0]
+    assert mine.decode(row["input_ids"]) == "<user> Say hi.\n<assistant> Hi there!\n"
+    answer = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
+    assert mine.decode(answer).strip() == "Hi there!"
+    (tmp_path / "shuffled.jinja").write_text("{{ messages | length }}: " + TEMPLATE)  # the count moves the prompt
+    with pytest.raises(ValueError, match="renders a prompt differently with and without its answer"):
+        tokenize(data, load_tokenizer(model_dir("smollm2"), str(tmp_path / "shuffled.jinja")), CAUSAL_LM, 64)
+    with pytest.raises(ConfigError, match=r"model.chat-template='nowhere.jinja' is neither"):
+        load_tokenizer(model_dir("smollm2"), "nowhere.jinja")
+
+
 def test_causal_lm_drops_examples_whose_answer_is_cut_off() -> None:
     tokenizer = load_tokenizer(model_dir("smollm2"))
     data = SOURCES["chatterbot"]().select(range(10))

@@ -29,11 +29,15 @@ def bench(tiny_llama: Path) -> runtime.Workbench:
     return runtime.workbench(cfg, reuse=False)
 
 
-def one_step(bench: runtime.Workbench, data: Dataset, batch_size: int, accumulation: int) -> tuple[float, dict]:
+def one_step(
+    bench: runtime.Workbench, data: Dataset, batch_size: int, accumulation: int, precision: str = "float32"
+) -> tuple[float, dict]:
     """The loss and the adapter after one SGD step (lr 1, so the update is minus the gradient) from the initial one."""
     load_adapter_state(bench.model, bench.initial)
     optimizer = torch.optim.SGD(trainable_parameters(bench.model), lr=1.0)
-    loss = train_steps(bench.model, bench.loader(data, batch_size), 1, optimizer, 0.0, accumulation=accumulation)
+    loss = train_steps(
+        bench.model, bench.loader(data, batch_size), 1, optimizer, 0.0, precision=precision, accumulation=accumulation
+    )
     return loss, {k: v.clone() for k, v in adapter_state(bench.model).items()}
 
 
@@ -58,6 +62,33 @@ def test_accumulating_two_batches_of_4_is_one_batch_of_8(bench: runtime.Workbenc
     assert moved and max(errors) > 0.01
 
 
+def test_float16_scales_the_loss_and_unscales_the_step(
+    bench: runtime.Workbench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scales: list[float] = []
+    scale = torch.amp.GradScaler.scale
+
+    def spy(self: torch.amp.GradScaler, outputs: torch.Tensor) -> torch.Tensor:
+        scaled = scale(self, outputs)
+        scales.append(float(scaled / outputs))
+        return scaled
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
+    data = tokenize(Dataset.from_dict(ROWS), bench.tokenizer, CAUSAL_LM, 128).select(range(8))
+    full_loss, full = one_step(bench, data, 4, 2)
+    assert scales == [1.0, 1.0]  # float32: the scaler passes the loss through
+    half_loss, half = one_step(bench, data, 4, 2, precision="float16")
+    assert scales[2:] == [65536.0, 65536.0]  # torch's initial scale, once per micro-batch
+    assert half_loss == pytest.approx(full_loss, rel=1e-2)
+    for key in full:  # the step is float32's up to float16 rounding: the scale was divided out again
+        update_full, update_half = full[key] - bench.initial[key], half[key] - bench.initial[key]
+        torch.testing.assert_close(update_half, update_full, rtol=0.05, atol=0.05 * update_full.abs().max().item())
+    with pytest.raises(
+        ConfigError, match=r"'train.precision' is 'float64'; expected one of float32, bfloat16, float16"
+    ):
+        from_run_config({"train.precision": "float64"})
+
+
 def test_epochs_pass_over_every_batch_in_steps_of_accumulated_batches(bench: runtime.Workbench) -> None:
     data = tokenize(Dataset.from_dict(ROWS), bench.tokenizer, CAUSAL_LM, 128)  # 10 examples: batches of 4, 4, 2
     steps: list[int] = []
@@ -73,6 +104,8 @@ def test_options_the_batched_cohort_cannot_apply_make_it_sequential(bench: runti
     assert "train.grad-accumulation" in sequential_reason(accumulated, bench.method, bench.model)
     by_epochs = from_run_config({"cohort.clients": 8, "train.epochs": 1})
     assert "train.epochs" in sequential_reason(by_epochs, bench.method, bench.model)
+    half = from_run_config({"cohort.clients": 8, "train.precision": "float16"})
+    assert "train.precision" in sequential_reason(half, bench.method, bench.model)
 
 
 def test_epochs_do_not_apply_to_adalora_whose_schedule_counts_steps() -> None:

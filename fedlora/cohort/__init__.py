@@ -35,6 +35,8 @@ def sequential_reason(cfg: RunConfig, method: AdapterMethod, model: PeftModel) -
         reason = "train.proximal-mu > 0 (FedProx's term is added in the one-client training loop)"
     if not reason and resolve_task(cfg.model.name, cfg.model.task) == REWARD:
         reason = "model.task = 'reward' (the batched pass computes per-client token or class losses, not pair losses)"
+    if not reason and cfg.train.precision == "float16":
+        reason = "train.precision = 'float16' (one loss scaler would skip every client's step for one's overflow)"
     if not reason and cfg.train.epochs:
         reason = "train.epochs > 0 (clients of different sizes take different numbers of steps)"
     if reason and cfg.cohort.batching == "batched":

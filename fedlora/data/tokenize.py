@@ -1,7 +1,8 @@
 """Tokenisation for the three tasks, and the collators that batch them.
 
 Causal LM: the example becomes a chat (user = ``prompt``, assistant = ``response``)
-through the tokenizer's own chat template, and only the answer's tokens carry a
+through the tokenizer's chat template (its own, none, or a file: ``model.chat-template``,
+set by :func:`fedlora.models.load_tokenizer`), and only the answer's tokens carry a
 label, so the model learns to answer rather than to repeat the question.
 Classification: ``text`` with its ``label``. Reward: a preference pair, the
 chat with the chosen answer (``response``) and the chat with the rejected one
@@ -39,15 +40,26 @@ def _chat_texts(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) 
         return head, head + response + (tokenizer.eos_token or "")
     user = [{"role": "user", "content": prompt}]
     full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(head):  # the answer's labels start where the prompt part ends
+        raise ValueError(
+            "the chat template renders a prompt differently with and without its answer, so the answer's tokens "
+            f"cannot be told apart (model.chat-template): {head!r} is not the start of {full!r}"
+        )
     return head, full
 
 
 def _lm_example(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         head, full = _chat_texts(tokenizer, row["prompt"], row["response"])
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-        labels = [IGNORE_INDEX] * min(len(head_ids), len(ids)) + ids[len(head_ids) :]
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+        if tokenizer.is_fast:  # the answer starts at the first token reaching past the prompt part's characters,
+            # also where a token spans both (a template ending in a space: " Hi" is the answer's first token)
+            ends = [end for _, end in encoded["offset_mapping"]]
+            start = next((i for i, end in enumerate(ends) if end > len(head)), len(ends))
+        else:
+            start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        ids = encoded["input_ids"][:max_length]
+        labels = [IGNORE_INDEX] * min(start, len(ids)) + ids[start:]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
     return encode

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from peft import PeftConfig, PeftModel, TaskType
-from transformers import PreTrainedModel
+from peft import PeftConfig, PeftModel, TaskType, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from fedlora.config import RunConfig
-from fedlora.models import CAUSAL_LM, load_base_model
+from fedlora.models import CAUSAL_LM, FULL_PRECISION_MODULES, load_base_model
 from fedlora.training import make_optimizer, trainable_parameters
 
 
@@ -44,8 +44,19 @@ class AdapterMethod:
         raise NotImplementedError
 
     def load_base(self, path: Path, task: str, num_labels: int, cfg: RunConfig) -> PreTrainedModel:
-        """The frozen base model (QLoRA quantises it here)."""
-        return load_base_model(path, task, num_labels)
+        """The frozen base model: float32, or 8-bit with ``model.load-in-8bit`` (QLoRA quantises it to 4 bits).
+
+        8-bit is bitsandbytes' LLM.int8() (Dettmers et al., 2022,
+        https://arxiv.org/abs/2208.07339), heads kept in full precision; peft's
+        ``prepare_model_for_kbit_training`` then puts the remaining float
+        parameters (norms) in float32. Gradient checkpointing is
+        ``train.gradient-checkpointing``'s to decide (:func:`fedlora.runtime.workbench`), not peft's.
+        """
+        if not cfg.model.load_in_8bit:
+            return load_base_model(path, task, num_labels)
+        int8 = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=FULL_PRECISION_MODULES)
+        model = load_base_model(path, task, num_labels, quantization=int8)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     def add_adapters(self, model: PeftModel, cfg: RunConfig, task: str) -> None:
         """Add further peft adapters after the first one (default: none; MTLoRA adds one per task)."""

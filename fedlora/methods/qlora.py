@@ -23,9 +23,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from fedlora.config import RunConfig
 from fedlora.methods.lora import Lora
-from fedlora.models import load_base_model
-
-HEADS = ["lm_head", "classifier", "score"]  # kept in full precision: they are output layers or train
+from fedlora.models import FULL_PRECISION_MODULES, load_base_model
 
 
 def keep_trainable_on_cpu(model: torch.nn.Module) -> None:
@@ -47,7 +45,7 @@ class QLora(Lora):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=cfg.qlora.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, cfg.qlora.compute_dtype),
-            llm_int8_skip_modules=HEADS,
+            llm_int8_skip_modules=FULL_PRECISION_MODULES,
         )
         model = load_base_model(path, task, num_labels, quantization=quantization)
         keep_trainable_on_cpu(model)
