@@ -17,6 +17,10 @@ from fedlora.models import load_tokenizer, model_dir
 from fedlora.wire import MANIFEST, PAYLOAD, to_record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per test worker: two workers of two threads each on 2 cores spin-wait on each other, which made
+    # in-process training several times slower here (`flwr run`'s own processes keep torch's default).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

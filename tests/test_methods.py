@@ -177,8 +177,8 @@ def test_targets_missing_from_the_model_are_a_clear_error(tiny_llama: Path) -> N
 def test_method_federates_end_to_end(tmp_path: Path, tiny_llama: Path, method: str) -> None:
     """The apps, in process: `flwr run` itself is covered by tests/test_simulation.py and the demo."""
     strategy = {"adalora": "adalora-merge", **STRATEGY_REQUIRED}.get(method, "fedavg-products")
-    extra = {"num-server-rounds": 2, "train.local-steps": 8, "strategy.name": strategy}
-    overrides, rounds = simulate(tmp_path, method_config(tiny_llama, method, **extra), in_process=True)
+    extra = {"num-server-rounds": 2, "train.local-steps": 8, "strategy.name": strategy, "data.test-size": 30}
+    overrides, rounds = simulate(tmp_path, method_config(tiny_llama, method, **extra), clients=2, in_process=True)
     check_run(overrides, rounds, "eval-perplexity")
 
 
