@@ -216,7 +216,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 def main() -> None:
     """Run the benchmark and write docs/privacy.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="5,20,100", help="clients per secure-aggregation round")
+    parser.add_argument("--sizes", default="5,20,100", help="clients per secure-aggregation round (empty: skip)")
     parser.add_argument("--num-shares", type=int, default=10, help="SecAgg+ neighbours for the sparse rows")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--noises", default="-1,0.1,0.3,1.0", help="noise multipliers (-1: no DP)")
@@ -225,11 +225,14 @@ def main() -> None:
     parser.add_argument("--clip-norm", type=float, default=0.5)
     parser.add_argument("--skip-dp", action="store_true")
     args = parser.parse_args()
-    out = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"}
+    page = ROOT / "docs" / "privacy.json"
+    out = json.loads(page.read_text()) if page.exists() else {}  # a part not rerun keeps its earlier numbers
+    out["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
     with machine_lock(exclusive=True):
-        started = time.perf_counter()
-        out["secagg"] = secagg_overhead([int(s) for s in args.sizes.split(",")], args.num_shares)
-        out["secagg-s"] = round(time.perf_counter() - started, 1)
+        if args.sizes:
+            started = time.perf_counter()
+            out["secagg"] = secagg_overhead([int(s) for s in args.sizes.split(",")], args.num_shares)
+            out["secagg-s"] = round(time.perf_counter() - started, 1)
         if not args.skip_dp:
             started = time.perf_counter()
             runs = dp_utility(
@@ -244,7 +247,7 @@ def main() -> None:
     out["command"] = "python -m simulations.bench_privacy " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if not isinstance(v, bool)
     )
-    (ROOT / "docs" / "privacy.json").write_text(json.dumps(out, indent=1) + "\n")
+    page.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
 
 
