@@ -81,7 +81,8 @@ def main() -> None:
                 "method": method,
                 "lr": overrides["train.lr"],
                 "trainable-params": sum(t.numel() for t in state.values()),
-                "bytes-per-client-per-round": rounds[1]["bytes-up"] // args.clients,
+                # the last round's: LoRA-drop's after its drop (every other method sends the same each round)
+                "bytes-per-client-per-round": rounds[-1]["bytes-up"] // args.clients,
                 "perplexity-before": rounds[0]["server-eval"]["eval-perplexity"],
                 "perplexity-after": rounds[-1]["server-eval"]["eval-perplexity"],
                 "wall-s": round(wall, 1),
