@@ -122,7 +122,6 @@ class Received:
     start: dict[str, Tensor]  # sent, plus this client's local tensors and any residual: what it trains from
     server_round: int
     task: str
-    layers: list[str] | None = None  # the LoRA layers that train, when the server trains a subset (LoRA-drop)
     measure_importance: bool = False  # the server asked for each layer's importance after training
 
     def load(self) -> None:
@@ -185,7 +184,7 @@ def receive(
     _, task = _profile(cfg, node_config)
     bench.method.activate(bench.model, task)
     instruction = instruction or {}
-    layers = instruction.get(TRAINABLE_LAYERS)
+    layers = instruction.get(TRAINABLE_LAYERS)  # the tensors sent are these layers' (LoRA-drop after its drop)
     bench.method.train_layers(bench.model, None if layers is None else list(layers))
     train_set, val_set = _task_data(cfg, node_config, task)
     if message_type == MessageType.TRAIN and not len(train_set):
@@ -199,19 +198,8 @@ def receive(
     if local:  # tensors the strategy keeps on the client: the last ones this client trained, else the initial ones
         stored = runtime.load_local_tensors(cfg, node_config, server_round, message_type)
         state = {**{k: (stored or {}).get(k, bench.initial[k]) for k in local}, **state}
-    return Received(
-        cfg,
-        bench,
-        node_config,
-        train_set,
-        val_set,
-        trainable,
-        state,
-        server_round,
-        task,
-        None if layers is None else list(layers),
-        bool(instruction.get(LAYER_IMPORTANCE, False)),
-    )
+    measure = bool(instruction.get(LAYER_IMPORTANCE, False))
+    return Received(cfg, bench, node_config, train_set, val_set, trainable, state, server_round, task, measure)
 
 
 def _reply_content(got: Received, trained: dict[str, Tensor], loss: float, setup_s: float) -> RecordDict:
