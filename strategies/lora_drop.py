@@ -89,6 +89,11 @@ class LoRADrop(AdapterStrategy):
         """Refused: the drop zeroes layers outright, which a step with momentum would undo."""
         return "the drop zeroes the dropped layers outright, and a step (with its momentum) would revive them"
 
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """Refused: the choice needs each client's report, and the sum-only path aggregates the whole adapter."""
+        return "the layer choice needs each client's importance report, and the sum-only path sends the whole adapter"
+
     @property
     def kept(self) -> list[str] | None:
         """The layers chosen to keep, from the round log (so a resumed run has them); None before the choice."""

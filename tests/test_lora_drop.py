@@ -179,6 +179,8 @@ def test_lora_drop_needs_its_strategy_and_refuses_what_does_not_apply(tiny_llama
         from_run_config({"loradrop.keep-layers": 2})
     with pytest.raises(ConfigError, match=re.escape("cohort.clients")):
         build_strategy(from_run_config({**drop_config(tiny_llama), "cohort.clients": 8}))
+    with pytest.raises(ConfigError, match="importance report"):
+        build_strategy(from_run_config({**drop_config(tiny_llama), "secagg.enabled": True}))
     with pytest.raises(ConfigError, match="server-optimizer"):
         build_strategy(from_run_config({**drop_config(tiny_llama), "strategy.server-optimizer": "avgm"}))
 
