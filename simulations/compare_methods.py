@@ -135,7 +135,8 @@ def run_method(profile: Profile, method: str, seed: int) -> dict[str, object]:
         "seed": seed,
         "lr": overrides["train.lr"],
         "trainable-params": sum(t.numel() for t in state.values()),
-        "bytes-per-client-per-round": rounds[1]["bytes-up"] // profile.clients,
+        # the last round's: LoRA-drop's after its drop (every other method sends the same each round)
+        "bytes-per-client-per-round": rounds[-1]["bytes-up"] // profile.clients,
         "before": rounds[0]["server-eval"][profile.metric],
         "after": rounds[-1]["server-eval"][profile.metric],
         "wall-s": round(wall, 1),

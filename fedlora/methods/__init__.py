@@ -19,6 +19,7 @@ from fedlora.methods.delta_lora import DeltaLora
 from fedlora.methods.dora import Dora
 from fedlora.methods.longlora import LongLora
 from fedlora.methods.lora import Lora
+from fedlora.methods.lora_drop import LoraDrop
 from fedlora.methods.lora_fa import LoraFA
 from fedlora.methods.loramoe import LoraMoE
 from fedlora.methods.loraplus import LoraPlus
@@ -39,6 +40,7 @@ METHODS: dict[str, AdapterMethod] = {
         MTLora(),
         LoraMoE(),
         DeltaLora(),
+        LoraDrop(),
         LongLora(),
         Vera(),
         PromptTuning(),
