@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedlora import runtime
 from fedlora.adapter import adapter_state
-from fedlora.config import STRATEGY_REQUIRED, from_run_config
+from fedlora.config import from_run_config
 from fedlora.methods import METHODS, get_method
 from fedlora.models import model_dir
 from simulations.results import machine, page_header
@@ -38,7 +38,7 @@ def method_overrides(method: str, args: argparse.Namespace) -> dict:
     lr = LEARNING_RATES.get(method, 5e-4)
     return {
         "adapter.method": method,
-        **({"strategy.name": STRATEGY_REQUIRED[method]} if method in STRATEGY_REQUIRED else {}),
+        **({"strategy.name": get_method(method).strategy} if get_method(method).strategy else {}),
         "num-server-rounds": args.rounds,
         "train.local-steps": args.local_steps,
         "train.lr": lr,
