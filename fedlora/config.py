@@ -11,13 +11,16 @@ method-scoped options it reads (``AdapterMethod.uses``), and this module
 gathers them through the method registry. ``pyproject.toml`` mirrors the
 defaults (Flower only accepts ``--run-config`` overrides for keys it declares)
 and a test keeps both in step; ``docs/configuration.md`` is generated from the
-``help`` texts (``python -m fedlora.config``).
+``help`` texts (``python -m fedlora.config``), and the table ``pyproject.toml``
+declares by ``python -m fedlora.config --pyproject``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -768,5 +771,19 @@ def markdown_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+def pyproject_table() -> str:
+    """``[tool.flwr.app.config]`` of ``pyproject.toml``: every key at its default, in the reference's order."""
+
+    def toml(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+
+    return "".join(f"{key} = {toml(value)}\n" for key, value in default_run_config().items())
+
+
 if __name__ == "__main__":
-    print(markdown_reference(), end="")
+    print(
+        "[tool.flwr.app.config]\n" + pyproject_table() if sys.argv[1:] == ["--pyproject"] else markdown_reference(),
+        end="",
+    )
