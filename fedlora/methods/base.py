@@ -86,6 +86,14 @@ class AdapterMethod:
     def activate(self, model: PeftModel, task: str) -> None:
         """Make ``task``'s adapters the active, trainable ones ("": all of them; default: nothing to do)."""
 
+    def task_adapters(self, task: str) -> list[str]:
+        """The peft adapters that make up ``task``'s model, saved in a folder of their own after the run.
+
+        Default: none, so no per-task folder (one adapter serves every task, as with
+        ``local-only`` or a global LoRA over ``data.tasks``); MTLoRA: its shared and task LoRA.
+        """
+        return []
+
     def freeze(self, model: PeftModel) -> None:
         """Freeze what peft leaves trainable but the method shares instead of training (default: nothing)."""
 

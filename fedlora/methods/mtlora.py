@@ -69,6 +69,10 @@ class MTLora(Lora):
             model.add_adapter(task_adapter(name), config)
         self.activate(model, "")
 
+    def task_adapters(self, task: str) -> list[str]:
+        """The shared LoRA and ``task``'s LoRA: the two a task's model is made of."""
+        return [SHARED_ADAPTER, task_adapter(task)]
+
     def activate(self, model: PeftModel, task: str) -> None:
         """Make the shared LoRA and ``task``'s LoRA the active, trainable ones ("": every task's)."""
         names = [n for n in model.peft_config if n != SHARED_ADAPTER and (not task or n == task_adapter(task))]
