@@ -12,7 +12,8 @@ peft does not ship these adapters, so they are a peft tuner of our own
 (:mod:`.config`, :mod:`.layer`, :mod:`.model`) registered with peft when this
 package is imported: ``get_peft_model``, ``save_pretrained`` and
 ``PeftModel.from_pretrained`` then handle them like any peft method (a user
-loading a saved adapter imports :mod:`fedlora.methods` first, as ``fedlora generate`` does).
+loading a saved adapter imports this package first; ``fedlora generate`` loads through
+:func:`fedlora.methods.load_saved`, which imports every method).
 
 Federated: the down- and up-projections (weights and biases) train and
 travel, plus a classification head; every strategy averages them
