@@ -143,13 +143,15 @@ class StrategySettings:
         "`fedavg-products` averages the products B·A exactly and re-factorises them to the adapter rank; "
         "for clients of different ranks `hetlora` (zero-padding), `flexlora` (product average, SVD per "
         "client rank), `flora` (exact stacking merged into the base); `adalora-merge` for AdaLoRA clients; "
-        "`delta-lora` for Delta-LoRA clients (keeps their base deltas as an exact residual); "
+        "`delta-lora` for Delta-LoRA clients (keeps their base deltas as an exact residual); `lora-drop` for "
+        "LoRA-drop clients (drops the least important layers after the warm-up rounds); "
         "or `package.module:Class` for your own strategy.",
     )
     within: str = opt(
         "fedavg-factors",
-        "`mtlora`, `fedsa`, `local-only`, `delta-lora`: how tensors are averaged within each group (over all "
-        "clients for shared tensors, within a task for task-specific ones; Delta-LoRA's LoRA factors).",
+        "`mtlora`, `fedsa`, `local-only`, `delta-lora`, `lora-drop`: how tensors are averaged within each group "
+        "(over all clients for shared tensors, within a task for task-specific ones; Delta-LoRA's LoRA factors; "
+        "LoRA-drop's trained layers).",
         ("fedavg-factors", "fedavg-products"),
     )
     norm_weighting: bool = opt(
@@ -303,8 +305,9 @@ class AdapterSettings:
         "`loraplus.lr-ratio` times faster than A); `adalora` (adaptive rank budget); `mtlora` (a shared LoRA plus "
         "one task-specific LoRA per task of `data.tasks`); `loramoe` (several LoRA experts per layer mixed by a "
         "trained router); `delta-lora` (the base also moves by the LoRA product's change, with strategy "
-        "`delta-lora`); `longlora` (LoRA plus embeddings and norms, trained with "
-        "shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
+        "`delta-lora`); `lora-drop` (only the layers with the most important LoRA output train after "
+        "`loradrop.warmup-rounds`, with strategy `lora-drop`); `longlora` (LoRA plus embeddings and norms, "
+        "trained with shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning` (virtual tokens); `prefix-tuning` (per-layer key/value "
         "prefixes through an MLP), `p-tuning-v2` (the same deep prompts trained directly); `bottleneck` (Houlsby "
         "adapters after attention and feed-forward).",
@@ -698,7 +701,7 @@ def _check_strategy(cfg: RunConfig) -> None:
     if method.strategy and strategy != method.strategy:
         raise ConfigError(
             f"run-config key 'strategy.name'='{strategy}' does not apply to adapter.method='{method.name}': "
-            f"set strategy.name='{method.strategy}' (it keeps the clients' base deltas)"
+            f"set strategy.name='{method.strategy}' (the method's federated meaning is that strategy's)"
         )
     owners = [m.name for m in all_methods() if m.strategy == strategy]
     if owners and method.name not in owners:

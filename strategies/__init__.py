@@ -23,6 +23,7 @@ from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
 from strategies.local_only import LocalOnly
+from strategies.lora_drop import LoRADrop
 from strategies.mtlora import MTLoRA
 
 STRATEGIES: dict[str, type[AdapterStrategy]] = {
@@ -36,6 +37,7 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
     "fedsa": FedSA,
     "local-only": LocalOnly,
     "delta-lora": DeltaLoRA,
+    "lora-drop": LoRADrop,
 }
 
 
@@ -156,6 +158,7 @@ __all__ = [
     "FedSA",
     "FlexLoRA",
     "HetLoRA",
+    "LoRADrop",
     "LocalOnly",
     "MTLoRA",
     "build_strategy",

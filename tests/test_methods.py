@@ -35,6 +35,7 @@ EXPECTED_KINDS = {
     "mtlora": {"lora_A", "lora_B"},  # the shared adapter's and the active task's
     "loramoe": {"lora_A", "lora_B", "moe_router"},  # every expert's factors and each layer's router
     "delta-lora": {"lora_A", "lora_B"},  # the base deltas travel down as a residual, never up
+    "lora-drop": {"lora_A", "lora_B"},  # every layer's until the drop (tests/test_lora_drop.py: after it)
     "longlora": {"lora_A", "lora_B", "modules_to_save"},  # and the embedding and norm copies
     "vera": {"vera_lambda_b", "vera_lambda_d"},
     "prompt-tuning": {"embedding"},
@@ -173,7 +174,8 @@ def test_targets_missing_from_the_model_are_a_clear_error(tiny_llama: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(set(EXPECTED_KINDS) - {"mtlora"}))  # mtlora: tests/test_multitask.py
+# mtlora: tests/test_multitask.py; lora-drop: tests/test_lora_drop.py, with the drop's own checks
+@pytest.mark.parametrize("method", sorted(set(EXPECTED_KINDS) - {"mtlora", "lora-drop"}))
 def test_method_federates_end_to_end(tmp_path: Path, tiny_llama: Path, method: str) -> None:
     """The apps, in process: `flwr run` itself is covered by tests/test_simulation.py and the demo."""
     strategy = {"adalora": "adalora-merge"}.get(method, get_method(method).strategy or "fedavg-products")

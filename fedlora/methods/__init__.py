@@ -36,6 +36,7 @@ METHODS: dict[str, str] = {
     "loramoe": "fedlora.methods.loramoe:LoraMoE",
     "delta-lora": "fedlora.methods.delta_lora:DeltaLora",
     "longlora": "fedlora.methods.longlora:LongLora",
+    "lora-drop": "fedlora.methods.lora_drop:LoraDrop",
     "vera": "fedlora.methods.vera:Vera",
     "prompt-tuning": "fedlora.methods.prompts:PromptTuning",
     "p-tuning": "fedlora.methods.prompts:PTuning",

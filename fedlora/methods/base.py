@@ -16,7 +16,7 @@ embeddings, a classification head) is averaged element-wise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -104,6 +104,19 @@ class AdapterMethod:
     def step_hook(self, model: PeftModel, cfg: RunConfig, server_round: int) -> Callable[[int], None] | None:
         """What runs after each local optimizer step of round ``server_round`` (default: nothing)."""
         return None
+
+    def train_layers(self, model: PeftModel, layers: list[str] | None) -> None:
+        """Train only the LoRA layers ``layers`` (module names); ``None``: every layer, as built.
+
+        The server names the layers in a training instruction (``trainable-layers``) when it trains a subset
+        (LoRA-drop); the client calls this before loading the received tensors. Default: all layers, always.
+        """
+        if layers is not None:
+            raise ValueError(f"adapter.method='{self.name}' trains every layer, but the server sent a layer subset")
+
+    def layer_importance(self, model: PeftModel, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """Each LoRA layer's importance measured on ``batches``, keyed by module name (default: none to measure)."""
+        raise ValueError(f"adapter.method='{self.name}' measures no layer importance, but the server asked for it")
 
     def rank_pattern(self, model: PeftModel) -> dict[str, list[bool]]:
         """Which rank indices of each layer are in use, keyed by tensor name (default: all, reported as ``{}``)."""
