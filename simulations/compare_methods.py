@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 from fedlora import runtime
 from fedlora.adapter import adapter_state
-from fedlora.config import STRATEGY_REQUIRED, from_run_config
-from fedlora.methods import METHODS
+from fedlora.config import from_run_config
+from fedlora.methods import METHODS, get_method
 from simulations.inprocess import run_in_process
 from simulations.results import machine
 from simulations.run import ROOT, machine_lock
@@ -111,7 +111,7 @@ def method_overrides(profile: Profile, method: str, seed: int) -> dict[str, obje
     return {
         **profile.overrides,
         "adapter.method": method,
-        **({"strategy.name": STRATEGY_REQUIRED[method]} if method in STRATEGY_REQUIRED else {}),
+        **({"strategy.name": get_method(method).strategy} if get_method(method).strategy else {}),
         "num-server-rounds": profile.rounds,
         "min-train-nodes": profile.clients,
         "train.local-steps": profile.local_steps,

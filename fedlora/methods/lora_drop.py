@@ -21,19 +21,50 @@ the dropped ones as zeros, and loads with ``PeftModel.from_pretrained``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from fedlora.config import opt
 from fedlora.keys import is_lora_a, is_lora_b, module_of
-from fedlora.methods.lora import Lora
+from fedlora.methods.lora import LORA_OPTIONS, Lora
+
+
+@dataclass(frozen=True)
+class LoraDropSettings:
+    """LoRA-drop (``adapter.method='lora-drop'``, with ``strategy.name='lora-drop'``)."""
+
+    section: ClassVar[str] = "loradrop"
+
+    warmup_rounds: int = opt(
+        1,
+        "Rounds in which every LoRA layer trains; after the last of them, in which clients also measure each "
+        "layer's importance ‖ΔW·x‖², the server keeps the most important layers and drops (zeroes) the rest.",
+        check=lambda v, cfg: 1 <= v <= cfg.run.num_server_rounds,
+    )
+    threshold: float = opt(
+        0.9,
+        "Keep the fewest layers whose normalised importance adds up to at least this share (the paper's 0.9).",
+        check=lambda v, _: 0 < v <= 1,
+    )
+    keep_layers: int = opt(
+        0, "Keep this many most important layers instead (0: use `threshold`).", check=lambda v, _: v >= 0
+    )
+    sample_batches: int = opt(
+        4, "Training batches a client measures the importance on (after its local training).", check=lambda v, _: v >= 1
+    )
 
 
 class LoraDrop(Lora):
     """Plain LoRA whose trainable layers the server narrows once, after the warm-up rounds."""
 
     name = "lora-drop"
+    settings = LoraDropSettings
+    uses = LORA_OPTIONS  # not adapter.rank-tiers: LoRA-drop is not offered with rank tiers
+    strategy = "lora-drop"  # the server chooses the kept layers
 
     def train_layers(self, model: PeftModel, layers: list[str] | None) -> None:
         """Freeze and zero every LoRA layer not in ``layers`` (``None``: every layer trains again).

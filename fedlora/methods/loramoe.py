@@ -33,8 +33,10 @@ metadata, and :meth:`LoraMoE.from_pretrained` loads the whole model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
@@ -46,10 +48,30 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, opt
 from fedlora.keys import ROUTER_MODULE, SHARED_ADAPTER, expert_adapter, is_router
 from fedlora.methods.base import task_type
-from fedlora.methods.lora import Lora
+from fedlora.methods.lora import LORA_OPTIONS, Lora
+
+MAX_EXPERTS = 64  # a router is experts × in_features; more experts than this is a typo, not a mixture
+
+
+@dataclass(frozen=True)
+class LoraMoeSettings:
+    """Mixture of LoRA experts (``adapter.method='loramoe'``): experts of rank ``adapter.r`` and a router per layer."""
+
+    section: ClassVar[str] = "loramoe"
+
+    experts: int = opt(
+        4, "LoRA experts per target module, each of rank `adapter.r`.", check=lambda v, _: 1 <= v <= MAX_EXPERTS
+    )
+    top_k: int = opt(
+        2,
+        "Experts each token is routed to (softmax over its top-k router logits); equal to `experts`: LoRAMoE's "
+        "dense mixture.",
+        check=lambda v, cfg: 1 <= v <= cfg.loramoe.experts,
+    )
+
 
 ROUTER_FILE = "moe_router.safetensors"
 """The saved adapter folder's file of router weights (peft's format has no place for them)."""
@@ -115,6 +137,13 @@ class LoraMoE(Lora):
     """``loramoe.experts`` LoRA experts per target layer, mixed by a per-layer router."""
 
     name = "loramoe"
+    settings = LoraMoeSettings
+    uses = LORA_OPTIONS
+    refused_strategies: ClassVar[Mapping[str, str]] = {
+        "flora": "FLoRA merges each layer's update B·A into the base ungated, but an expert's update is gated",
+        "adalora-merge": "the experts are LoRA pairs, not AdaLoRA triplets",
+        "mtlora": "the experts are not per-task adapters",
+    }
 
     def add_adapters(self, model: PeftModel, cfg: RunConfig, task: str) -> None:
         """Add the experts after the first, then a router on each layer (all seeded by ``run.seed``)."""
