@@ -101,6 +101,7 @@ class StrategySettings:
         "for clients of different ranks `hetlora` (zero-padding), `flexlora` (product average, SVD per "
         "client rank), `flora` (exact stacking merged into the base); `adalora-merge` for AdaLoRA clients; "
         "`delta-lora` for Delta-LoRA clients (keeps their base deltas as an exact residual); "
+        "`lisa` for LISA clients (samples the round's layers, averages them into the whole model); "
         "or `package.module:Class` for your own strategy.",
     )
     within: str = _opt(
@@ -240,8 +241,9 @@ class AdapterSettings:
         "shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning` (virtual tokens); `prefix-tuning` (per-layer key/value "
         "prefixes through an MLP), `p-tuning-v2` (the same deep prompts trained directly); `bottleneck` (Houlsby "
-        "adapters after attention and feed-forward).",
-        (*LORA_FAMILY, "vera", *PROMPT_METHODS, "bottleneck"),
+        "adapters after attention and feed-forward); `lisa` (full-parameter training of `lisa.layers` sampled decoder "
+        "layers per round plus embeddings and head, with strategy `lisa`).",
+        (*LORA_FAMILY, "vera", *PROMPT_METHODS, "bottleneck", "lisa"),
     )
     r: int = _opt(
         8,
@@ -351,6 +353,30 @@ class LongLoraSettings:
         "RMSNorm); the paper trains embeddings and norms. The embeddings dominate the bytes on the wire.",
         methods=("longlora",),
     )
+
+
+@dataclass(frozen=True)
+class LisaSettings:
+    """LISA (``adapter.method='lisa'``, with ``strategy.name='lisa'``): γ sampled layers train fully each period."""
+
+    layers: int = _opt(
+        2,
+        "γ: decoder layers sampled to train (all their weights) each period, beside the embeddings, final norm and "
+        "head, which always train.",
+        methods=("lisa",),
+    )
+    period: int = _opt(
+        1, "Rounds between two samplings of the layers (the paper's sampling period K, in rounds).", methods=("lisa",)
+    )
+
+
+LISA_REFUSED = {
+    "model.load-in-8bit": "LISA trains the base weights themselves, which cannot be 8-bit",
+    "wire.dtype": "every layer LISA trains would be rounded to float16 for good, unlike the layers never sent",
+    "train.keep-optimizer-state": "the trainable layers change every round (LISA resets the optimizer state)",
+    "cohort.clients": "a cohort's batched pass stacks adapters over one base, and LISA trains the base itself",
+}
+"""Settings that do not apply to ``adapter.method='lisa'`` (at any value but their default), and why."""
 
 
 @dataclass(frozen=True)
@@ -568,6 +594,7 @@ class RunConfig:
     loramoe: LoraMoeSettings = field(default_factory=LoraMoeSettings)
     deltalora: DeltaLoraSettings = field(default_factory=DeltaLoraSettings)
     longlora: LongLoraSettings = field(default_factory=LongLoraSettings)
+    lisa: LisaSettings = field(default_factory=LisaSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     bottleneck: BottleneckSettings = field(default_factory=BottleneckSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -661,7 +688,7 @@ STRATEGY_REFUSED: dict[str, dict[str, str]] = {
 }
 """Per method, the built-in strategies that cannot aggregate it, and why."""
 
-STRATEGY_REQUIRED = {"delta-lora": "delta-lora"}
+STRATEGY_REQUIRED = {"delta-lora": "delta-lora", "lisa": "lisa"}
 """Methods whose federated meaning is one strategy's (and that strategy is for that method only)."""
 
 
@@ -672,7 +699,7 @@ def _check_strategy(cfg: RunConfig) -> None:
     if required and strategy != required:
         raise ConfigError(
             f"run-config key 'strategy.name'='{strategy}' does not apply to adapter.method='{method}': "
-            f"set strategy.name='{required}' (it keeps the clients' base deltas)"
+            f"set strategy.name='{required}' (the method's federated meaning is that strategy's)"
         )
     if strategy in STRATEGY_REQUIRED.values() and STRATEGY_REQUIRED.get(method) != strategy:
         raise ConfigError(f"run-config key 'strategy.name'='{strategy}' applies only to adapter.method='{strategy}'")
@@ -693,6 +720,8 @@ def _check_applies(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"run-config key '{key}' does not apply to adapter.method='{method}' (only to {', '.join(methods)})"
             )
+        if method == "lisa" and key in LISA_REFUSED and run_config.get(key, opt.default) != opt.default:
+            raise ConfigError(f"run-config key '{key}' does not apply to adapter.method='lisa': {LISA_REFUSED[key]}")
 
 
 def _check_ranges(cfg: RunConfig) -> None:
@@ -747,6 +776,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         "loramoe.top-k": 1 <= cfg.loramoe.top_k <= cfg.loramoe.experts,
         "deltalora.update-ratio": 0 <= cfg.deltalora.update_ratio < math.inf,
         "longlora.group-size": cfg.longlora.group_size >= 0,
+        "lisa.layers": cfg.lisa.layers >= 1,
+        "lisa.period": cfg.lisa.period >= 1,
         "prompt.num-virtual-tokens": cfg.prompt.num_virtual_tokens >= 1,
         "prompt.encoder-hidden-size": cfg.prompt.encoder_hidden_size >= 1,
         "bottleneck.size": 1 <= cfg.bottleneck.size <= MAX_RANK,

@@ -22,6 +22,7 @@ from strategies.fedsa import FedSA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
+from strategies.lisa import LISA
 from strategies.local_only import LocalOnly
 from strategies.mtlora import MTLoRA
 
@@ -36,6 +37,7 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
     "fedsa": FedSA,
     "local-only": LocalOnly,
     "delta-lora": DeltaLoRA,
+    "lisa": LISA,
 }
 
 
@@ -146,6 +148,7 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
 
 
 __all__ = [
+    "LISA",
     "STRATEGIES",
     "AdaLoRAMerge",
     "AdapterStrategy",

@@ -198,6 +198,13 @@ class AdapterStrategy(FedAvg):
         """The adapter sent to a node with ``profile`` (default: the global adapter itself)."""
         return self.global_state
 
+    def message_state(self) -> dict[str, Tensor]:
+        """What every node is sent this round when all get the same (default: the global adapter itself).
+
+        A strategy that sends part of its global state overrides it (LISA: the round's layers).
+        """
+        return self.global_state
+
     def check_profile(self, profile: NodeProfile) -> None:
         """Raise :class:`InvalidUpdate` if this strategy cannot serve a node with ``profile`` (default: rank check)."""
         if not 1 <= profile.rank <= self.global_rank:
@@ -250,8 +257,9 @@ class AdapterStrategy(FedAvg):
 
         def encode(profile: NodeProfile | None) -> tuple[dict[str, Tensor], ArrayRecord]:
             if profile not in encoded:
-                state = self.client_state(profile) if profile else self.global_state
-                encoded[profile] = (split_residual(state)[0], to_record(state, self.wire_dtype) if profile else arrays)
+                state = self.client_state(profile) if profile else self.message_state()
+                record = arrays if state is self.global_state else to_record(state, self.wire_dtype)
+                encoded[profile] = (split_residual(state)[0], record)
             return encoded[profile]
 
         return encode

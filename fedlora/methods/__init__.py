@@ -17,6 +17,7 @@ from fedlora.methods.base import AdapterMethod
 from fedlora.methods.bottleneck import Bottleneck
 from fedlora.methods.delta_lora import DeltaLora
 from fedlora.methods.dora import Dora
+from fedlora.methods.lisa import Lisa
 from fedlora.methods.longlora import LongLora
 from fedlora.methods.lora import Lora
 from fedlora.methods.lora_fa import LoraFA
@@ -46,6 +47,7 @@ METHODS: dict[str, AdapterMethod] = {
         PrefixTuning(),
         PTuningV2(),
         Bottleneck(),
+        Lisa(),
     )
 }
 
