@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from fedlora import runtime
 from fedlora.adapter import adapter_state, load_adapter_state, trainable_names
+from fedlora.centralised import run_centralised
 from fedlora.config import ConfigError, from_run_config
 from fedlora.keys import frozen_key, is_frozen, layer_of
 from fedlora.layerwise import layers_trained_before, num_layers, round_message, sample_layers
@@ -123,6 +124,11 @@ def test_options_that_do_not_apply_are_refused_by_name(tiny_llama: Path, overrid
 def test_more_layers_than_the_model_has_is_refused_by_name(tiny_llama: Path) -> None:
     with pytest.raises(ValueError, match=r"lisa\.layers=3, but the model has 2 decoder layers"):
         runtime.workbench(from_run_config(lisa_config(tiny_llama, **{"lisa.layers": 3})), reuse=False)
+
+
+def test_the_centralised_baseline_refuses_lisa(tiny_llama: Path) -> None:
+    with pytest.raises(ConfigError, match=r"adapter\.method='lisa' trains what the server's strategy chooses"):
+        run_centralised(from_run_config(lisa_config(tiny_llama)), 2)
 
 
 @pytest.mark.slow
