@@ -52,13 +52,16 @@ def frozen_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def select(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
     """Make ``model`` the model ``state`` describes: its plain keys trainable, ``@frozen`` ones written, the rest reset.
 
-    Does nothing to a model that is not selectable. Frozen tensors are
+    A model that is not selectable is left alone (a frozen tensor sent to it
+    is an :class:`InvalidUpdate`). Frozen tensors are
     checked here (a name the model may select, its shape, finite values);
     the trainable ones are checked when they are loaded
     (:func:`fedlora.adapter.fit_state`: exactly the model's trainable set).
     Idempotent: selecting the same state twice leaves the same model.
     """
     if not is_selectable(model):
+        if stray := [key for key in state if is_frozen(key)]:
+            raise InvalidUpdate(f"frozen tensor '{stray[0]}' sent to a model whose trainable set is fixed")
         return
     initial: dict[str, Tensor] = getattr(model, _INITIAL)
     changed: set[str] = getattr(model, _CHANGED)

@@ -14,12 +14,14 @@ import json
 from pathlib import Path
 
 from fedlora import runtime
-from fedlora.adapter import adapter_state
+from fedlora.adapter import adapter_state, split_residual
 from fedlora.config import STRATEGY_REQUIRED, from_run_config
 from fedlora.methods import METHODS, get_method
 from fedlora.models import model_dir
+from fedlora.selection import is_selectable
 from simulations.results import machine, page_header
 from simulations.run import ROOT, run_and_read
+from strategies import build_strategy
 
 # Each method at a learning rate in the range its paper recommends (LoRA+ halves LoRA's, as Hayou et al. advise;
 # VeRA and the prompt methods train far fewer parameters and want larger steps).
@@ -30,6 +32,7 @@ LEARNING_RATES = {
     "p-tuning": 1e-2,
     "prefix-tuning": 1e-2,
     "p-tuning-v2": 1e-2,
+    "lisa": 5e-5,  # full-parameter training: the paper's 5e-5 (LoRA's learning rates are about ten times larger)
 }
 
 
@@ -75,7 +78,12 @@ def main() -> None:
     for method in args.methods.split(","):
         overrides = method_overrides(method, args)
         rounds, wall = run_and_read(overrides, args.clients)
-        state = adapter_state(runtime.workbench(from_run_config(overrides)).model)
+        cfg = from_run_config(overrides)
+        state = adapter_state(runtime.workbench(cfg).model)
+        if is_selectable(runtime.workbench(cfg).model):  # LISA: what round 1 trains, not all it may train
+            strategy = build_strategy(cfg)
+            strategy.global_state, strategy.current_round = state, 1
+            state = split_residual(strategy.message_state())[0]
         rows.append(
             {
                 "method": method,

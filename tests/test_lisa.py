@@ -19,6 +19,7 @@ from fedlora.methods import load_saved
 from fedlora.models import CAUSAL_LM, load_base_model, model_dir
 from fedlora.selection import select
 from fedlora.training import evaluate
+from fedlora.validation import InvalidUpdate
 from strategies import LISA, build_strategy
 
 
@@ -85,6 +86,16 @@ def test_a_cached_model_becomes_each_message_s_model_whatever_it_served_before(t
     load_adapter_state(model, round_message(moved, {1}, {0}))  # client C: layer 0 frozen at the global value
     for name, tensor in dict(model.named_parameters()).items():
         torch.testing.assert_close(tensor.detach(), moved[name], rtol=0, atol=0)
+
+
+def test_frozen_tensors_are_checked_and_refused_by_a_fixed_model(tiny_llama: Path) -> None:
+    bench = runtime.workbench(from_run_config(lisa_config(tiny_llama)))
+    name = "model.layers.0.mlp.up_proj.weight"
+    bad = {frozen_key(name): torch.full_like(bench.initial[name], float("nan"))}
+    with pytest.raises(InvalidUpdate, match=f"frozen tensor '{frozen_key(name)}' contains NaN"):
+        select(bench.model, {**round_message(bench.initial, {1}, set()), **bad})
+    with pytest.raises(InvalidUpdate, match="sent to a model whose trainable set is fixed"):
+        select(torch.nn.Linear(2, 2), {frozen_key("weight"): torch.zeros(2, 2)})
 
 
 def test_the_server_averages_the_round_s_tensors_into_the_whole_model(tiny_llama: Path) -> None:
