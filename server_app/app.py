@@ -231,7 +231,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     )
     load_adapter_state(bench.model, from_record(latest))
     save_adapter(bench.model, output_dir / "adapter", method=bench.method)
-    loader = "peft.PeftModel" if isinstance(bench.model, PeftModel) else "transformers' AutoModel…"  # LISA: a model
+    loader = "peft.PeftModel" if isinstance(bench.model, PeftModel) else "transformers' AutoModelForCausalLM"  # LISA
     log(INFO, "Global adapter saved to %s (load it with %s.from_pretrained)", output_dir / "adapter", loader)
     for task in tasks:  # shared + task-specific, in peft's multi-adapter layout
         save_adapter(bench.model, output_dir / f"adapter-{task}", [SHARED_ADAPTER, task_adapter(task)])
