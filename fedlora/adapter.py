@@ -163,10 +163,10 @@ def save_adapter_files(model: PeftModel, folder: Path, adapters: list[str] | Non
     ``lora_alpha = r = R``, so peft's scaling is 1 and
     ``PeftModel.from_pretrained`` computes exactly the model trained here.
     """
-    residual = merged_residual(model)
     if not isinstance(model, PeftModel):  # a full-parameter method's model (LISA): a transformers model folder
         model.save_pretrained(folder)
         return
+    residual = merged_residual(model)
     if not residual:
         model.save_pretrained(folder, selected_adapters=adapters)
         return
