@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from logging import INFO, WARNING
 from typing import Any
 
@@ -62,6 +63,7 @@ from fedlora.keys import (
     ARRAYS,
     CENTRAL,
     CONFIG,
+    LAYER_IMPORTANCE,
     METRICS,
     NUM_EXAMPLES,
     PROFILE,
@@ -73,6 +75,7 @@ from fedlora.keys import (
     SECAGG_UNMASK,
     SERVER_ROUND,
     TASK_KEY,
+    TRAINABLE_LAYERS,
 )
 from fedlora.privacy import rounds
 from fedlora.selection import select
@@ -120,6 +123,7 @@ class Received:
     start: dict[str, Tensor]  # sent, plus this client's local tensors and any residual: what it trains from
     server_round: int
     task: str
+    measure_importance: bool = False  # the server asked for each layer's importance after training
 
     def load(self) -> None:
         """Make this client's adapter the model's: its task's adapters active, its tensors loaded."""
@@ -165,12 +169,24 @@ def _task_data(cfg: RunConfig, node_config: NodeConfig, task: str) -> tuple[Data
 
 
 def receive(
-    cfg: RunConfig, node_config: NodeConfig, arrays: ArrayRecord, server_round: int, message_type: str
+    cfg: RunConfig,
+    node_config: NodeConfig,
+    arrays: ArrayRecord,
+    server_round: int,
+    message_type: str,
+    instruction: Mapping[str, Any] | None = None,
 ) -> Received:
-    """Unpack one client's adapter: activate its task, add its local tensors (nothing is loaded yet)."""
+    """Unpack one client's adapter: activate its task and trained layers, add its local tensors (nothing loaded yet).
+
+    ``instruction`` is the message's config: ``trainable-layers`` narrows what trains (every layer without it),
+    ``layer-importance`` asks for the layers' importance after training.
+    """
     bench = runtime.workbench(cfg)
     _, task = _profile(cfg, node_config)
     bench.method.activate(bench.model, task)
+    instruction = instruction or {}
+    layers = instruction.get(TRAINABLE_LAYERS)  # the tensors sent are these layers' (LoRA-drop after its drop)
+    bench.method.train_layers(bench.model, None if layers is None else list(layers))
     train_set, val_set = _task_data(cfg, node_config, task)
     if message_type == MessageType.TRAIN and not len(train_set):
         raise ValueError(
@@ -184,7 +200,8 @@ def receive(
     if local:  # tensors the strategy keeps on the client: the last ones this client trained, else the initial ones
         stored = runtime.load_local_tensors(cfg, node_config, server_round, message_type)
         state = {**{k: (stored or {}).get(k, bench.initial[k]) for k in local}, **state}
-    return Received(cfg, bench, node_config, train_set, val_set, trainable, state, server_round, task)
+    measure = bool(instruction.get(LAYER_IMPORTANCE, False))
+    return Received(cfg, bench, node_config, train_set, val_set, trainable, state, server_round, task, measure)
 
 
 def _reply_content(got: Received, trained: dict[str, Tensor], loss: float, setup_s: float) -> RecordDict:
@@ -200,7 +217,17 @@ def _reply_content(got: Received, trained: dict[str, Tensor], loss: float, setup
 
 
 def train_alone(got: Received, started: float) -> RecordDict:
-    """One client's local training round on the worker's model; its reply content."""
+    """One client's local training round on the worker's model; its reply content.
+
+    Afterwards every layer trains again: the cached model at rest takes a whole adapter (an evaluation's).
+    """
+    try:
+        return _train_alone(got, started)
+    finally:
+        got.bench.method.train_layers(got.bench.model, None)
+
+
+def _train_alone(got: Received, started: float) -> RecordDict:
     cfg, bench, server_round = got.cfg, got.bench, got.server_round
     got.load()
     torch.manual_seed(got.seed)  # dropout; the loader has its own generator
@@ -220,7 +247,11 @@ def train_alone(got: Received, started: float) -> RecordDict:
         cfg.train.proximal_mu,
     )
     runtime.keep_optimizer_state(cfg, got.node_config, optimizer, bench.model, server_round)  # opt-in
-    return _reply_content(got, adapter_state(bench.model), loss, setup_s)
+    content = _reply_content(got, adapter_state(bench.model), loss, setup_s)
+    if got.measure_importance:  # on the first batches of this round's order: a sample of the client's data
+        sample = islice(got.loader(train=True), cfg.loradrop.sample_batches)
+        content[LAYER_IMPORTANCE] = ConfigRecord(bench.method.layer_importance(bench.model, sample))
+    return content
 
 
 def _same_residual(a: Mapping[str, tuple[Tensor, Tensor]], b: Mapping[str, tuple[Tensor, Tensor]]) -> bool:
@@ -318,6 +349,7 @@ def _single(msg: Message, context: Context) -> Received:
         msg.content[ARRAYS],
         int(msg.content[CONFIG][SERVER_ROUND]),
         msg.metadata.message_type,
+        msg.content[CONFIG],
     )
 
 

@@ -32,7 +32,8 @@ from fedlora import runtime
 from fedlora.adapter import load_adapter_state
 from fedlora.config import ConfigError, RunConfig, task_names
 from fedlora.keys import NUM_EXAMPLES
-from fedlora.methods import AdapterMethod, get_method
+from fedlora.methods import get_method
+from fedlora.methods.base import AdapterMethod
 from fedlora.report import RoundReport, save_adapter
 from fedlora.selection import is_selectable
 from fedlora.training import evaluate, round_lr, train_steps

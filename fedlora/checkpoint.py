@@ -36,15 +36,14 @@ from safetensors.numpy import load_file, save_file
 from torch import Tensor
 
 from fedlora.adapter import split_residual
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, default_run_config, method_sections
 from fedlora.report import write_folder
 from fedlora.validation import InvalidUpdate, check_state
 from fedlora.wire import WIRE_DTYPES, from_record, to_record, unpack
 
-FINGERPRINT_SECTIONS = (
-    *("model", "data", "adapter", "qlora", "adalora", "mtlora", "loraplus", "prompt", "strategy", "train", "wire"),
-)
-"""Run-config sections that decide the adapter's numbers; with ``seed`` they must not change on resume.
+FINGERPRINT_SECTIONS = ("model", "data", "adapter", "strategy", "train", "wire")
+"""The framework's run-config sections that decide the adapter's numbers; with ``seed`` and every method's own
+section (:func:`fedlora.config.method_sections`) they must not change on resume.
 
 Left out, so a resumed run may change them: the number of rounds (to extend a
 run), sampling fractions, output and store folders, ``resume`` itself, the reply
@@ -72,11 +71,10 @@ class Checkpoint:
 
 def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the one that wrote the checkpoint, as ``key: value``."""
-    values = dataclasses.asdict(cfg)
     settings = {
         f"{section}.{name.replace('_', '-')}": value
-        for section in FINGERPRINT_SECTIONS
-        for name, value in values[section].items()
+        for section in (*FINGERPRINT_SECTIONS, *method_sections())
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items()
     }
     del settings["model.cache-dir"]  # where a converted model is cached, not which model
     return {"seed": cfg.run.seed, **settings}
@@ -159,7 +157,9 @@ def check_resumable(checkpoint: Checkpoint, cfg: RunConfig, initial: Mapping[str
     initial evaluation) with one metrics entry per round so far, its
     fingerprint must equal this run's, and its adapter must have the shapes of
     ``initial``, the adapter this run's model starts with (a residual, which
-    changes rank, excepted).
+    changes rank, excepted). A setting the checkpoint does not record (added to
+    fedlora after it was written, e.g. a new method's) matches when this run
+    leaves it at its default.
     """
     where = checkpoint.path / "state.json" if checkpoint.path else "checkpoint"
     rounds = cfg.run.num_server_rounds
@@ -168,11 +168,12 @@ def check_resumable(checkpoint: Checkpoint, cfg: RunConfig, initial: Mapping[str
     logged = [m.get("round") if isinstance(m, dict) else m for m in checkpoint.metrics]
     if logged != list(range(checkpoint.server_round + 1)):
         raise CheckpointError(f"{where}: metrics cover rounds {logged}, expected 0..{checkpoint.server_round}")
-    expected = fingerprint(cfg)
+    expected, defaults = fingerprint(cfg), default_run_config()
     changed = [
         f"{key}={checkpoint.fingerprint.get(key, '(absent)')!r} there, {expected.get(key, '(absent)')!r} here"
         for key in sorted(set(expected) | set(checkpoint.fingerprint))
         if checkpoint.fingerprint.get(key) != expected.get(key)
+        and not (key not in checkpoint.fingerprint and expected.get(key) == defaults.get(key))
     ]
     if changed:
         raise CheckpointError(f"{where} was written by a run with other settings: {'; '.join(changed)}")

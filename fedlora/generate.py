@@ -25,7 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from fedlora.data.tokenize import chat_prompt
 from fedlora.keys import BASE_ONLY, SHARED_ADAPTER
-from fedlora.methods import load_saved  # importing it registers fedlora's own peft tuners (bottleneck)
+from fedlora.methods import all_methods, load_saved
 from fedlora.models import CAUSAL_LM, load_base_model, load_tokenizer, model_dir, remote_code
 
 
@@ -55,6 +55,7 @@ def load_for_generation(
     folders = dict(adapter) if isinstance(adapter, Mapping) else {SHARED_ADAPTER: adapter}
     (first, folder), *rest = folders.items()
     ref = model_dir(model_name)
+    all_methods()  # importing every method registers fedlora's own peft tuners (bottleneck) for peft's loader
     with remote_code(trust_remote_code):
         tokenizer = load_tokenizer(ref, chat_template)
         base = load_base_model(ref, CAUSAL_LM, 0)

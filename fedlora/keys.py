@@ -187,6 +187,14 @@ SERVER_ROUND = "server-round"
 RANK_PATTERN = "rank-pattern"
 """ConfigRecord of an AdaLoRA reply: per ``lora_E`` key, which rank indices its client kept."""
 
+TRAINABLE_LAYERS = "trainable-layers"
+"""Config entry of a training instruction: the LoRA layers (module names) the client trains and sends back, when
+the server trains only some of them (LoRA-drop); absent, every trainable tensor trains."""
+
+LAYER_IMPORTANCE = "layer-importance"
+"""Per-layer importance: in a training instruction's config, ``True`` asks the client to measure it after training;
+in its reply, the ConfigRecord of the measurements, one non-negative float per LoRA layer (module name)."""
+
 RANK_KEY, TASK_KEY = "lora-rank", "task"
 """A node's LoRA rank and task: its node-config keys and its answers to the server's profile query."""
 

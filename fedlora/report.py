@@ -16,7 +16,7 @@ from peft import PeftModel
 
 from fedlora.adapter import save_adapter_files
 from fedlora.keys import NUM_EXAMPLES
-from fedlora.methods import AdapterMethod
+from fedlora.methods.base import AdapterMethod
 
 
 def _atomic_write(path: Path, text: str) -> None:

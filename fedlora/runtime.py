@@ -54,7 +54,8 @@ from fedlora.config import ConfigError, RunConfig, for_task, task_names
 from fedlora.data.federated import local_split, make_partitioner, partition_split, server_and_pool
 from fedlora.data.sources import load_local
 from fedlora.data.tokenize import collator, tokenize
-from fedlora.methods import AdapterMethod, get_method
+from fedlora.methods import get_method
+from fedlora.methods.base import AdapterMethod
 from fedlora.models import CLASSIFICATION, REWARD, load_tokenizer, model_dir, remote_code, resolve_task
 from fedlora.store import ClientStore, client_key, optimizer_tensors, restore_optimizer
 from fedlora.training import make_loader
@@ -141,6 +142,28 @@ def _build_workbench(cfg: RunConfig, task: str, num_labels: int) -> Workbench:
     return Workbench(model, tokenizer, task, method, adapter_state(model))
 
 
+def model_key(cfg: RunConfig, task: str, num_labels: int) -> tuple[Any, ...]:
+    """What decides the cached model: the base, the adapter and every method's own settings, seed and schedule.
+
+    Every method's section is part of it (``cfg.method_settings``, whatever the
+    method), so a method's new setting can never be forgotten here; a setting that
+    only steers training (``loraplus.lr-ratio``) merely makes the key finer than it
+    needs to be, and one configuration serves a whole run.
+    """
+    schedule = (cfg.run.num_server_rounds, cfg.train.local_steps)  # AdaLoRA's budget schedule
+    return (
+        cfg.model,
+        cfg.adapter,
+        cfg.method_settings,
+        task,
+        num_labels,
+        cfg.run.seed,
+        schedule,
+        cfg.train.gradient_checkpointing,
+        cfg.train.max_length,  # LongLoRA's default attention group is a quarter of it
+    )
+
+
 def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
     """The process-wide model for ``cfg`` (built on first use; the adapter starts from ``run.seed``).
 
@@ -151,23 +174,7 @@ def workbench(cfg: RunConfig, reuse: bool | None = None) -> Workbench:
     if not (cfg.run.reuse_base if reuse is None else reuse):
         _MODEL.clear()  # never hold two bases at once
         return _build_workbench(cfg, task, num_labels)
-    schedule = (cfg.run.num_server_rounds, cfg.train.local_steps)  # AdaLoRA's budget schedule
-    key = (
-        cfg.model,
-        cfg.adapter,
-        cfg.qlora,
-        cfg.adalora,
-        cfg.mtlora,
-        cfg.loramoe,
-        cfg.longlora,
-        cfg.prompt,
-        cfg.bottleneck,
-        task,
-        num_labels,
-        cfg.run.seed,
-        schedule,
-        cfg.train.gradient_checkpointing,
-    )
+    key = model_key(cfg, task, num_labels)
     if key not in _MODEL.entries:
         _MODEL.clear()  # free the old base before loading the new one
     return _MODEL.get(key, lambda: _build_workbench(cfg, task, num_labels))

@@ -34,7 +34,7 @@ from fedlora.checkpoint import (
     save_checkpoint,
 )
 from fedlora.config import RunConfig, default_run_config, from_run_config, task_names
-from fedlora.keys import ARRAYS, CENTRAL, CONFIG, NUM_EXAMPLES, SERVER_ROUND, SHARED_ADAPTER, task_adapter
+from fedlora.keys import ARRAYS, CENTRAL, CONFIG, NUM_EXAMPLES, SERVER_ROUND
 from fedlora.report import RoundReport, save_adapter
 from fedlora.wire import from_record, to_record
 from strategies import build_strategy
@@ -233,15 +233,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     save_adapter(bench.model, output_dir / "adapter", method=bench.method)
     loader = "peft.PeftModel" if isinstance(bench.model, PeftModel) else "transformers' AutoModelForCausalLM"  # LISA
     log(INFO, "Global adapter saved to %s (load it with %s.from_pretrained)", output_dir / "adapter", loader)
-    for task in tasks:  # shared + task-specific, in peft's multi-adapter layout
-        save_adapter(bench.model, output_dir / f"adapter-{task}", [SHARED_ADAPTER, task_adapter(task)])
-        log(
-            INFO,
-            "Task '%s': shared adapter and %s saved to %s",
-            task,
-            task_adapter(task),
-            output_dir / f"adapter-{task}",
-        )
+    for task in tasks:  # a method with per-task adapters (MTLoRA): each task's, in peft's multi-adapter layout
+        adapters = bench.method.task_adapters(task)
+        if adapters:
+            save_adapter(bench.model, output_dir / f"adapter-{task}", adapters)
+            log(INFO, "Task '%s': adapters %s saved to %s", task, ", ".join(adapters), output_dir / f"adapter-{task}")
     for line in ["Summary:", *summary_table(report.rounds)]:
         log(INFO, "%s", line)
     log(INFO, "Per-round metrics in %s", output_dir / "metrics.json")

@@ -24,6 +24,7 @@ from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
 from strategies.lisa import LISA
 from strategies.local_only import LocalOnly
+from strategies.lora_drop import LoRADrop
 from strategies.mtlora import MTLoRA
 
 STRATEGIES: dict[str, type[AdapterStrategy]] = {
@@ -37,6 +38,7 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
     "fedsa": FedSA,
     "local-only": LocalOnly,
     "delta-lora": DeltaLoRA,
+    "lora-drop": LoRADrop,
     "lisa": LISA,
 }
 
@@ -159,6 +161,7 @@ __all__ = [
     "FedSA",
     "FlexLoRA",
     "HetLoRA",
+    "LoRADrop",
     "LocalOnly",
     "MTLoRA",
     "build_strategy",

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fedlora.config import ConfigError, default_run_config, from_run_config, markdown_reference
+from fedlora import runtime
+from fedlora.config import (
+    ConfigError,
+    applies_to,
+    default_run_config,
+    from_run_config,
+    iter_options,
+    markdown_reference,
+    method_sections,
+)
+from fedlora.methods import METHODS, all_methods
 from strategies import build_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +69,55 @@ def test_bad_values_name_the_key(override: dict, message: str) -> None:
 def test_unknown_strategy_name_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown strategy 'fedprox-lora'; expected one of fedavg-factors"):
         build_strategy(from_run_config({"strategy.name": "fedprox-lora"}))
+
+
+def test_every_methods_settings_are_in_the_generated_docs() -> None:
+    """A method's own options appear in docs/configuration.md, each naming the method it applies to."""
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    rows = {line.split("`")[1]: line for line in docs.splitlines() if line.startswith("| `")}
+    assert f"`{'`, `'.join(METHODS)}`" in rows["adapter.method"]
+    for method in all_methods():
+        settings = method.settings
+        own = (
+            [f"{settings.section}.{f.name.replace('_', '-')}" for f in dataclasses.fields(settings)] if settings else []
+        )
+        applying = [key for key, methods in applies_to().items() if method.name in methods]
+        for key in {*own, *applying}:
+            assert key in rows, f"{method.name}'s option '{key}' is missing from docs/configuration.md"
+        for key in applying:
+            assert f"`{method.name}`" in rows[key].split("Applies to:")[1], (method.name, key)
+
+
+def test_every_scoped_option_is_used_and_every_use_is_a_scoped_option() -> None:
+    """``AdapterMethod.uses`` names only shared options declared ``scoped``, and each of those applies somewhere."""
+    options = dict(iter_options())
+    scoped = {key for key, opt in options.items() if opt.metadata["scoped"]}
+    for method in all_methods():
+        assert method.uses <= scoped, f"{method.name} uses unknown or unscoped options {method.uses - scoped}"
+    assert all(applies_to()[key] for key in scoped)
+
+
+def _changed(value: Any) -> Any:
+    """Another value of ``value``'s type (the cache key only compares, so it need not be in range)."""
+    return not value if isinstance(value, bool) else value + (1 if isinstance(value, int | float) else "x")
+
+
+def test_the_model_cache_key_covers_every_setting_that_builds_the_model() -> None:
+    """Changing the base's, the adapter's or any method's own setting changes the worker's cache key.
+
+    A key that missed one would hand a worker a model built with the old value
+    (nothing fails: it silently trains the wrong adapter).
+    """
+    cfg = from_run_config({})
+    key = runtime.model_key(cfg, "causal-lm", 0)
+    for section in ("model", "adapter", *method_sections()):
+        settings = getattr(cfg, section)
+        for option in dataclasses.fields(settings):
+            changed = dataclasses.replace(settings, **{option.name: _changed(getattr(settings, option.name))})
+            if section in method_sections():
+                sections = tuple(changed if s is settings else s for s in cfg.method_settings)
+                other = dataclasses.replace(cfg, method_settings=sections)
+            else:
+                other = dataclasses.replace(cfg, **{section: changed})
+            assert getattr(other, section) == changed
+            assert runtime.model_key(other, "causal-lm", 0) != key, f"{section}.{option.name} is not in the cache key"

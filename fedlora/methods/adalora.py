@@ -17,20 +17,50 @@ index by index over the clients that kept them
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from peft import AdaLoraConfig, PeftModel
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, opt
 from fedlora.keys import PEFT_PREFIX
 from fedlora.methods.base import task_type
-from fedlora.methods.lora import Lora, target_modules
+from fedlora.methods.lora import LORA_OPTIONS, Lora, target_modules
+
+
+@dataclass(frozen=True)
+class AdaLoraSettings:
+    """AdaLoRA's rank budget (``adapter.method='adalora'``; ``adapter.r`` is the initial rank).
+
+    The schedule counts federated steps: round t's local step i is step
+    (t-1)·``train.local-steps`` + i of ``num-server-rounds``·``train.local-steps``.
+    """
+
+    section: ClassVar[str] = "adalora"
+
+    target_r: int = opt(
+        4, "Average rank per layer once the budget is cut.", check=lambda v, cfg: 1 <= v <= cfg.adapter.r
+    )
+    tinit: int = opt(0, "Steps of warm-up before ranks are cut.", check=lambda v, _: v >= 0)
+    tfinal: int = opt(
+        0,
+        "Final steps with a fixed rank pattern.",
+        check=lambda v, cfg: v >= 0 and cfg.adalora.tinit + v < cfg.run.num_server_rounds * cfg.train.local_steps,
+    )
+    delta_t: int = opt(1, "Steps between two budget allocations.", check=lambda v, _: v >= 1)
+    orth_reg_weight: float = opt(
+        0.5, "Weight of the orthogonality regulariser on P and Q.", check=lambda v, _: 0 <= v < math.inf
+    )
 
 
 class AdaLora(Lora):
     """peft's AdaLoRA with a federated step schedule."""
 
     name = "adalora"
+    settings = AdaLoraSettings
+    uses = LORA_OPTIONS - {"train.epochs"}  # its rank schedule counts `train.local-steps`
 
     def peft_config(self, cfg: RunConfig, task: str) -> AdaLoraConfig:
         """An ``AdaLoraConfig`` whose ``total_step`` covers every round."""

@@ -16,9 +16,9 @@ embeddings, a classification head) is averaged element-wise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
@@ -38,6 +38,31 @@ class AdapterMethod:
     """A method: its peft config, plus the hooks where it departs from plain LoRA training."""
 
     name: ClassVar[str]
+
+    settings: ClassVar[type[Any] | None] = None
+    """The method's own run-config section: a frozen dataclass of :func:`fedlora.config.opt` fields whose
+    ``section`` class attribute names it (``qlora`` → ``qlora.double-quant``, …); ``None``: it has none.
+
+    Validation, defaults, ``docs/configuration.md``, ``pyproject.toml``'s check, the
+    checkpoint fingerprint and the worker's model cache all read it from here."""
+
+    uses: ClassVar[frozenset[str]] = frozenset({"model.load-in-8bit", "train.epochs"})
+    """The shared method-scoped options (declared ``scoped=True`` in :mod:`fedlora.config`) it reads.
+
+    Any other scoped option set away from its default is refused naming the key."""
+
+    strategy: ClassVar[str | None] = None
+    """The one strategy whose federated meaning this method needs (and that serves no other method), if any."""
+
+    refused_strategies: ClassVar[Mapping[str, str]] = {}
+    """Built-in strategies that cannot aggregate this method, each with why (refused naming ``strategy.name``)."""
+
+    refused_settings: ClassVar[Mapping[str, str]] = {}
+    """Run-config keys that do not apply to this method at any value but their default, each with why."""
+
+    def check(self, cfg: RunConfig) -> dict[str, bool]:
+        """Range checks this method adds to shared keys, ``key: in range`` (default: none)."""
+        return {}
 
     def peft_config(self, cfg: RunConfig, task: str) -> PeftConfig:
         """The peft config that wraps the base model."""
@@ -68,6 +93,14 @@ class AdapterMethod:
     def activate(self, model: PeftModel, task: str) -> None:
         """Make ``task``'s adapters the active, trainable ones ("": all of them; default: nothing to do)."""
 
+    def task_adapters(self, task: str) -> list[str]:
+        """The peft adapters that make up ``task``'s model, saved in a folder of their own after the run.
+
+        Default: none, so no per-task folder (one adapter serves every task, as with
+        ``local-only`` or a global LoRA over ``data.tasks``); MTLoRA: its shared and task LoRA.
+        """
+        return []
+
     def freeze(self, model: PeftModel) -> None:
         """Freeze what peft leaves trainable but the method shares instead of training (default: nothing)."""
 
@@ -78,6 +111,19 @@ class AdapterMethod:
     def step_hook(self, model: PeftModel, cfg: RunConfig, server_round: int) -> Callable[[int], None] | None:
         """What runs after each local optimizer step of round ``server_round`` (default: nothing)."""
         return None
+
+    def train_layers(self, model: PeftModel, layers: list[str] | None) -> None:
+        """Train only the LoRA layers ``layers`` (module names); ``None``: every layer, as built.
+
+        The server names the layers in a training instruction (``trainable-layers``) when it trains a subset
+        (LoRA-drop); the client calls this before loading the received tensors. Default: all layers, always.
+        """
+        if layers is not None:
+            raise ValueError(f"adapter.method='{self.name}' trains every layer, but the server sent a layer subset")
+
+    def layer_importance(self, model: PeftModel, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """Each LoRA layer's importance measured on ``batches``, keyed by module name (default: none to measure)."""
+        raise ValueError(f"adapter.method='{self.name}' measures no layer importance, but the server asked for it")
 
     def rank_pattern(self, model: PeftModel) -> dict[str, list[bool]]:
         """Which rank indices of each layer are in use, keyed by tensor name (default: all, reported as ``{}``)."""

@@ -24,17 +24,33 @@ residual and LoRA stacked into one peft LoRA (:func:`fedlora.adapter.save_adapte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from peft import PeftModel
 from torch import Tensor
 
 from fedlora.aggregation import stack_factors
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, opt
 from fedlora.keys import lora_pairs, module_of
-from fedlora.methods.lora import Lora
+from fedlora.methods.lora import LORA_OPTIONS, Lora
 from fedlora.residual import add_to_base, merged_residual
+
+
+@dataclass(frozen=True)
+class DeltaLoraSettings:
+    """Delta-LoRA (``adapter.method='delta-lora'``, with ``strategy.name='delta-lora'``)."""
+
+    section: ClassVar[str] = "deltalora"
+
+    update_ratio: float = opt(
+        0.5,
+        "λ: after every step the base weight moves by λ·(alpha/r)·Δ(B·A), the change of the LoRA product.",
+        check=lambda v, _: 0 <= v < math.inf,
+    )
 
 
 def factors(params: dict[str, torch.nn.Parameter], a_key: str, b_key: str) -> tuple[Tensor, Tensor]:
@@ -46,6 +62,9 @@ class DeltaLora(Lora):
     """LoRA whose product's change also updates the base weight, λ times."""
 
     name = "delta-lora"
+    settings = DeltaLoraSettings
+    uses = LORA_OPTIONS
+    strategy = "delta-lora"  # keeps the clients' base deltas as an exact residual
 
     def step_hook(self, model: PeftModel, cfg: RunConfig, server_round: int) -> Callable[[int], None]:
         """After every step add ``λ·s·Δ(B·A)`` to each base weight; account the base as residual + λ·s·(BA − B₀A₀)."""

@@ -28,13 +28,16 @@ without fedlora, and :meth:`Lisa.from_pretrained` loads it onto a given base.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from fedlora.config import ConfigError, RunConfig
+from fedlora.config import ConfigError, RunConfig, opt
 from fedlora.layerwise import num_layers
 from fedlora.methods.base import AdapterMethod
 from fedlora.selection import make_selectable
@@ -43,10 +46,36 @@ MARKER = "lisa.json"
 """The file beside the model weights that says a folder is LISA's output (and which layers it has)."""
 
 
+@dataclass(frozen=True)
+class LisaSettings:
+    """LISA (``adapter.method='lisa'``, with ``strategy.name='lisa'``): γ sampled layers train fully each period."""
+
+    section: ClassVar[str] = "lisa"
+    layers: int = opt(
+        2,
+        "γ: decoder layers sampled to train (all their weights) each period, beside the embeddings, final norm and "
+        "head, which always train.",
+        check=lambda v, _: v >= 1,
+    )
+    period: int = opt(
+        1,
+        "Rounds between two samplings of the layers (the paper's sampling period K, in rounds).",
+        check=lambda v, _: v >= 1,
+    )
+
+
 class Lisa(AdapterMethod):
     """The base model itself; which layers train is chosen by every message."""
 
     name = "lisa"
+    settings = LisaSettings
+    uses = frozenset({"train.epochs"})  # not model.load-in-8bit: LISA trains the base weights, which cannot be 8-bit
+    strategy = "lisa"  # the server samples the round's layers
+    refused_settings: ClassVar[Mapping[str, str]] = {
+        "wire.dtype": "every layer LISA trains would be rounded to float16 for good, unlike the layers never sent",
+        "train.keep-optimizer-state": "the trainable layers change every round (LISA resets the optimizer state)",
+        "cohort.clients": "a cohort's batched pass stacks adapters over one base, and LISA trains the base itself",
+    }
 
     def wrap(self, base: PreTrainedModel, cfg: RunConfig, task: str) -> PreTrainedModel:  # type: ignore[override]
         """``base`` unwrapped; ``lisa.layers`` must not exceed its layers."""

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig
@@ -36,10 +37,30 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, opt
 from fedlora.methods.base import task_type
-from fedlora.methods.lora import Lora
+from fedlora.methods.lora import LORA_OPTIONS, Lora
 from fedlora.models import CAUSAL_LM, load_base_model
+
+
+@dataclass(frozen=True)
+class LongLoraSettings:
+    """LongLoRA (``adapter.method='longlora'``): shifted sparse attention in training, embeddings and norms trained."""
+
+    section: ClassVar[str] = "longlora"
+
+    group_size: int = opt(
+        0,
+        "Tokens per attention group of S²-Attn during training (full attention for shorter sequences and at "
+        "inference); 0: a quarter of `train.max-length`, the paper's ratio.",
+        check=lambda v, _: v >= 0,
+    )
+    trainable_modules: str = opt(
+        "embed_tokens,norm",
+        "Modules trained whole beside LoRA (peft `modules_to_save`, matched by name suffix: `norm` is every "
+        "RMSNorm); the paper trains embeddings and norms. The embeddings dominate the bytes on the wire.",
+    )
+
 
 ARCHITECTURES = ("llama",)
 """``config.model_type`` values whose attention layers take a transformers attention function."""
@@ -172,6 +193,8 @@ class LongLora(Lora):
     """LoRA with trainable embeddings and norms, trained under S²-Attn."""
 
     name = "longlora"
+    settings = LongLoraSettings
+    uses = LORA_OPTIONS
 
     def peft_config(self, cfg: RunConfig, task: str) -> LoraConfig:
         """LoRA with ``longlora.trainable-modules`` trained whole (peft's ``modules_to_save``)."""

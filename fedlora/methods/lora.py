@@ -14,6 +14,11 @@ from peft import LoraConfig
 from fedlora.config import RunConfig
 from fedlora.methods.base import AdapterMethod, task_type
 
+LORA_OPTIONS = frozenset(
+    {"adapter.r", "adapter.alpha", "adapter.dropout", "adapter.target-modules", "model.load-in-8bit", "train.epochs"}
+)
+"""The shared options the LoRA family reads (``AdapterMethod.uses``); a variant narrows or widens it."""
+
 
 def target_modules(cfg: RunConfig) -> list[str] | None:
     """``adapter.target-modules`` as a list; ``None`` lets peft pick the architecture's default."""
@@ -24,6 +29,7 @@ class Lora(AdapterMethod):
     """Plain LoRA, and the base of the LoRA variants."""
 
     name = "lora"
+    uses = LORA_OPTIONS | {"adapter.rank-tiers"}  # a client of a lower rank trains its factors zero-padded
 
     def lora_kwargs(self, cfg: RunConfig) -> dict[str, Any]:
         """LoraConfig arguments shared by the LoRA family."""

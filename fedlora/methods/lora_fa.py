@@ -17,13 +17,14 @@ from peft.optimizers import create_lorafa_optimizer
 
 from fedlora.config import RunConfig
 from fedlora.keys import is_lora_a
-from fedlora.methods.lora import Lora
+from fedlora.methods.lora import LORA_OPTIONS, Lora
 
 
 class LoraFA(Lora):
     """LoRA with A frozen and shared."""
 
     name = "lora-fa"
+    uses = LORA_OPTIONS
 
     def freeze(self, model: PeftModel) -> None:
         """Freeze every ``lora_A``: it is the same seeded matrix on every party."""

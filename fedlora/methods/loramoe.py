@@ -21,7 +21,9 @@ DoRA uses), which weights it by its gate. So every expert is an ordinary
 factor pair on the wire, averaged per expert by any strategy (as factors or
 as exact products), and the router is one more tensor averaged element-wise.
 Every party builds experts and router from ``run.seed``, so expert i means the
-same on every client and averaging keeps them aligned.
+same on every client and averaging keeps them aligned. A classification head is
+one head of the whole mixture: it belongs to the first expert's adapter, where
+peft would give every expert its own copy (:func:`share_head`).
 
 peft's format holds the experts (its multi-adapter layout: expert 0 in the
 folder, expert i in ``expert-i/``) but not the routers: they are saved beside
@@ -31,22 +33,45 @@ metadata, and :meth:`LoraMoE.from_pretrained` loads the whole model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
+from peft.utils import ModulesToSaveWrapper, load_peft_weights, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, opt
 from fedlora.keys import ROUTER_MODULE, SHARED_ADAPTER, expert_adapter, is_router
 from fedlora.methods.base import task_type
-from fedlora.methods.lora import Lora
+from fedlora.methods.lora import LORA_OPTIONS, Lora
+
+MAX_EXPERTS = 64  # a router is experts × in_features; more experts than this is a typo, not a mixture
+
+
+@dataclass(frozen=True)
+class LoraMoeSettings:
+    """Mixture of LoRA experts (``adapter.method='loramoe'``): experts of rank ``adapter.r`` and a router per layer."""
+
+    section: ClassVar[str] = "loramoe"
+
+    experts: int = opt(
+        4, "LoRA experts per target module, each of rank `adapter.r`.", check=lambda v, _: 1 <= v <= MAX_EXPERTS
+    )
+    top_k: int = opt(
+        2,
+        "Experts each token is routed to (softmax over its top-k router logits); equal to `experts`: LoRAMoE's "
+        "dense mixture.",
+        check=lambda v, cfg: 1 <= v <= cfg.loramoe.experts,
+    )
+
 
 ROUTER_FILE = "moe_router.safetensors"
 """The saved adapter folder's file of router weights (peft's format has no place for them)."""
@@ -83,6 +108,18 @@ class GatedExpert(LoraVariant):
         return result + gate * update * module.scaling[active_adapter]
 
 
+def share_head(model: PeftModel, adapter: str) -> None:
+    """Drop expert ``adapter``'s copy of the classification head that peft adds to every adapter of a classifier.
+
+    The mixture has one head, trained and sent with the first expert; peft also
+    refuses to activate several adapters that each own a head copy.
+    """
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.delete_adapter(adapter, new_active_adapters=[SHARED_ADAPTER])
+    model.peft_config[adapter].modules_to_save = None
+
+
 def install_routers(model: PeftModel, experts: int, top_k: int) -> None:
     """Give every LoRA layer of ``model`` a router over its ``experts`` adapters and make them all active, gated."""
     names = [expert_adapter(i) for i in range(experts)]
@@ -100,11 +137,19 @@ class LoraMoE(Lora):
     """``loramoe.experts`` LoRA experts per target layer, mixed by a per-layer router."""
 
     name = "loramoe"
+    settings = LoraMoeSettings
+    uses = LORA_OPTIONS
+    refused_strategies: ClassVar[Mapping[str, str]] = {
+        "flora": "FLoRA merges each layer's update B·A into the base ungated, but an expert's update is gated",
+        "adalora-merge": "the experts are LoRA pairs, not AdaLoRA triplets",
+        "mtlora": "the experts are not per-task adapters",
+    }
 
     def add_adapters(self, model: PeftModel, cfg: RunConfig, task: str) -> None:
         """Add the experts after the first, then a router on each layer (all seeded by ``run.seed``)."""
         for index in range(1, cfg.loramoe.experts):
             model.add_adapter(expert_adapter(index), LoraConfig(task_type=task_type(task), **self.lora_kwargs(cfg)))
+            share_head(model, expert_adapter(index))
         install_routers(model, cfg.loramoe.experts, cfg.loramoe.top_k)
 
     def save_extra(self, model: PeftModel, folder: Path) -> None:
@@ -125,7 +170,10 @@ class LoraMoE(Lora):
         experts, top_k = int(metadata["experts"]), int(metadata["top-k"])
         model = PeftModel.from_pretrained(base, folder)
         for index in range(1, experts):
-            model.load_adapter(folder / expert_adapter(index), adapter_name=expert_adapter(index))
+            name = expert_adapter(index)  # peft's load_adapter would look for a head copy in the expert's folder
+            model.add_adapter(name, PeftConfig.from_pretrained(folder / name))
+            share_head(model, name)
+            set_peft_model_state_dict(model, load_peft_weights(folder / name), adapter_name=name)
         install_routers(model, experts, top_k)
         routers = load_file(folder / ROUTER_FILE)
         expected = {name for name, _ in model.named_parameters() if is_router(name)}

@@ -7,18 +7,32 @@ local optimizer differs (peft's ``create_loraplus_optimizer``).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from peft import PeftModel
 from peft.optimizers import create_loraplus_optimizer
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, opt
 from fedlora.methods.lora import Lora
+
+
+@dataclass(frozen=True)
+class LoraPlusSettings:
+    """LoRA+ learning rates (``adapter.method='loraplus'``)."""
+
+    section: ClassVar[str] = "loraplus"
+
+    lr_ratio: float = opt(16.0, "Learning rate of B divided by that of A.", check=lambda v, _: 1 <= v < math.inf)
 
 
 class LoraPlus(Lora):
     """LoRA with per-factor learning rates."""
 
     name = "loraplus"
+    settings = LoraPlusSettings
 
     def optimizer(self, model: PeftModel, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
         """``train.optimizer`` with B's learning rate ``lr · loraplus.lr-ratio``."""

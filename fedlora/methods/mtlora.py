@@ -17,18 +17,42 @@ Federated aggregation of the two kinds is :class:`strategies.mtlora.MTLoRA`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from peft import LoraConfig, PeftModel
 
-from fedlora.config import RunConfig, task_names
+from fedlora.config import MAX_RANK, RunConfig, opt, task_names
 from fedlora.keys import SHARED_ADAPTER, task_adapter
 from fedlora.methods.base import task_type
-from fedlora.methods.lora import Lora
+from fedlora.methods.lora import LORA_OPTIONS, Lora
+
+
+@dataclass(frozen=True)
+class MtLoraSettings:
+    """Multi-task LoRA (``adapter.method="mtlora"``): a shared LoRA plus a LoRA per task of ``data.tasks``."""
+
+    section: ClassVar[str] = "mtlora"
+
+    task_r: int = opt(4, "Rank of each task-specific LoRA.", check=lambda v, _: 1 <= v <= MAX_RANK)
+    task_modules: str = opt(
+        "o_proj,down_proj", "Modules that get task-specific LoRAs (in the last `task-layers` layers)."
+    )
+    task_layers: int = opt(
+        2, "Task-specific LoRAs go on the last this-many layers: the decoder's stage end.", check=lambda v, _: v >= 1
+    )
 
 
 class MTLora(Lora):
     """Shared LoRA ("default") plus one LoRA per task of ``data.tasks``."""
 
     name = "mtlora"
+    settings = MtLoraSettings
+    uses = LORA_OPTIONS
+
+    def check(self, cfg: RunConfig) -> dict[str, bool]:
+        """``data.tasks`` must name the tasks."""
+        return {"data.tasks": bool(task_names(cfg))}
 
     def add_adapters(self, model: PeftModel, cfg: RunConfig, task: str) -> None:
         """Add one task-specific LoRA per task on the last ``mtlora.task-layers`` layers, all active."""
@@ -44,6 +68,10 @@ class MTLora(Lora):
             )
             model.add_adapter(task_adapter(name), config)
         self.activate(model, "")
+
+    def task_adapters(self, task: str) -> list[str]:
+        """The shared LoRA and ``task``'s LoRA: the two a task's model is made of."""
+        return [SHARED_ADAPTER, task_adapter(task)]
 
     def activate(self, model: PeftModel, task: str) -> None:
         """Make the shared LoRA and ``task``'s LoRA the active, trainable ones ("": every task's)."""

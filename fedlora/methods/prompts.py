@@ -21,16 +21,35 @@ All of these tensors are averaged element-wise by every strategy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, opt
 from fedlora.methods.base import AdapterMethod, task_type
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Virtual tokens of the prompt methods."""
+
+    section: ClassVar[str] = "prompt"
+
+    num_virtual_tokens: int = opt(16, "Virtual tokens prepended to every input.", check=lambda v, _: v >= 1)
+    encoder_hidden_size: int = opt(
+        128,
+        "Hidden size of P-tuning's MLP encoder and of prefix tuning's reparameterisation MLP.",
+        methods=("p-tuning", "prefix-tuning"),
+        check=lambda v, _: v >= 1,
+    )
 
 
 class PromptTuning(AdapterMethod):
     """Soft prompt: ``prompt.num-virtual-tokens`` trainable embeddings."""
 
     name = "prompt-tuning"
+    settings = PromptSettings
 
     def peft_config(self, cfg: RunConfig, task: str) -> PromptTuningConfig:
         """A peft ``PromptTuningConfig`` (random init)."""
@@ -41,6 +60,7 @@ class PTuning(AdapterMethod):
     """Virtual tokens produced by a trained MLP encoder."""
 
     name = "p-tuning"
+    settings = PromptSettings
 
     def peft_config(self, cfg: RunConfig, task: str) -> PromptEncoderConfig:
         """A peft ``PromptEncoderConfig`` with an MLP encoder."""
@@ -55,6 +75,7 @@ class PrefixTuning(AdapterMethod):
     """Key/value prefixes in every layer, reparameterised through a trained MLP (Li & Liang)."""
 
     name = "prefix-tuning"
+    settings = PromptSettings
     projection = True
 
     def peft_config(self, cfg: RunConfig, task: str) -> PrefixTuningConfig:

@@ -14,20 +14,35 @@ after that its forward has no autograd path and every LoRA gradient is zero.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-import bitsandbytes as bnb
 import torch
 from peft import prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from fedlora.config import RunConfig
-from fedlora.methods.lora import Lora
+from fedlora.config import RunConfig, opt
+from fedlora.methods.lora import LORA_OPTIONS, Lora
 from fedlora.models import FULL_PRECISION_MODULES, load_base_model
+
+
+@dataclass(frozen=True)
+class QLoraSettings:
+    """The 4-bit base of ``adapter.method='qlora'`` (bitsandbytes)."""
+
+    section: ClassVar[str] = "qlora"
+
+    double_quant: bool = opt(True, "Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    compute_dtype: str = opt(
+        "float32", "Dtype the 4-bit weights are de-quantised to for matmuls.", ("float32", "bfloat16", "float16")
+    )
 
 
 def keep_trainable_on_cpu(model: torch.nn.Module) -> None:
     """Stop every ``Linear4bit`` from repacking for inference (which would zero LoRA gradients on CPU)."""
+    import bitsandbytes as bnb  # optional backend: loaded only where a quantised base is built
+
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -37,6 +52,8 @@ class QLora(Lora):
     """LoRA over a 4-bit NF4 base."""
 
     name = "qlora"
+    settings = QLoraSettings
+    uses = LORA_OPTIONS - {"model.load-in-8bit"}  # its base is 4-bit already
 
     def load_base(self, path: Path, task: str, num_labels: int, cfg: RunConfig) -> PreTrainedModel:
         """Load the base quantised to NF4 and prepared for k-bit training."""

@@ -22,6 +22,9 @@ class Vera(AdapterMethod):
     """peft's VeRA with projections regenerated from the run's seed."""
 
     name = "vera"
+    uses = frozenset(
+        {"adapter.r", "adapter.dropout", "adapter.target-modules", "model.load-in-8bit", "train.epochs"}
+    )  # no alpha: its scaling vectors train instead
 
     def peft_config(self, cfg: RunConfig, task: str) -> VeraConfig:
         """A peft ``VeraConfig`` keyed to ``run.seed``."""

@@ -12,7 +12,8 @@ peft does not ship these adapters, so they are a peft tuner of our own
 (:mod:`.config`, :mod:`.layer`, :mod:`.model`) registered with peft when this
 package is imported: ``get_peft_model``, ``save_pretrained`` and
 ``PeftModel.from_pretrained`` then handle them like any peft method (a user
-loading a saved adapter imports :mod:`fedlora.methods` first, as ``fedlora generate`` does).
+loading a saved adapter imports this package first; ``fedlora generate`` loads through
+:func:`fedlora.methods.load_saved`, which imports every method).
 
 Federated: the down- and up-projections (weights and biases) train and
 travel, plus a classification head; every strategy averages them
@@ -23,19 +24,38 @@ and averaging weights of a non-linear map is FedAvg's usual approximation.
 
 from __future__ import annotations
 
-from fedlora.config import RunConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedlora.config import MAX_RANK, RunConfig, opt
 from fedlora.methods.base import AdapterMethod, task_type
-from fedlora.methods.bottleneck.config import BottleneckConfig
+from fedlora.methods.bottleneck.config import ACTIVATIONS, BottleneckConfig
 from fedlora.methods.bottleneck.model import register
 from fedlora.methods.lora import target_modules
 
 register()
 
 
+@dataclass(frozen=True)
+class BottleneckSettings:
+    """Houlsby bottleneck adapters (``adapter.method = "bottleneck"``)."""
+
+    section: ClassVar[str] = "bottleneck"
+
+    size: int = opt(
+        16,
+        "Bottleneck width m: each adapter projects d→m→d (2·d·m + m + d parameters).",
+        check=lambda v, _: 1 <= v <= MAX_RANK,
+    )
+    activation: str = opt("relu", "Non-linearity between the down- and up-projection.", ACTIVATIONS)
+
+
 class Bottleneck(AdapterMethod):
     """Houlsby bottleneck adapters, as a peft tuner."""
 
     name = "bottleneck"
+    settings = BottleneckSettings
+    uses = frozenset({"adapter.target-modules", "train.epochs"})
 
     def peft_config(self, cfg: RunConfig, task: str) -> BottleneckConfig:
         """A :class:`BottleneckConfig` of ``bottleneck.size`` and ``bottleneck.activation``."""

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from fedlora.config import ACTIVATIONS
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+"""Keys of ``transformers.activations.ACT2FN`` a bottleneck may use between its projections."""
 
 PEFT_TYPE = "BOTTLENECK"
 """The ``peft_type`` saved in ``adapter_config.json``; peft finds the classes by it once :func:`register` ran."""
