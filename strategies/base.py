@@ -53,10 +53,9 @@ sum of the clients' tensors (:meth:`AdapterStrategy.sum_refusal`), and then
 aggregates the one mean state it is given. Tensors shared by different sets of
 clients (MTLoRA's tasks) are summed per group (:meth:`AdapterStrategy.sum_groups`).
 
-Flower's ``FedAvg`` builds its messages in the private ``_construct_messages``
-(1.41 has no public hook between sampling and message building), and this is
-the one place fedlora overrides a private Flower method: to send each node its
-own adapter and remember what it was sent.
+From ``FedAvg`` only the public ``configure_train`` / ``configure_evaluate``
+are used: their sampled messages are rebuilt per node (its own adapter, what it
+was sent remembered), so no private Flower method is overridden.
 """
 
 from __future__ import annotations
@@ -257,7 +256,8 @@ class AdapterStrategy(FedAvg):
             messages = self._cohort_messages(arrays, config, MessageType.TRAIN, self.fraction_train, server_round)
             sampled = len(self.sent)
         else:
-            messages = super().configure_train(server_round, arrays, config, grid)
+            sampled_by_fedavg = super().configure_train(server_round, arrays, config, grid)
+            messages = self._per_client(sampled_by_fedavg, arrays, config, MessageType.TRAIN)
             sampled = len(messages)
             if self.secagg and (groups := self.sum_groups()):
                 exclude, count = partial(self._exclude_client, server_round), partial(self._count, server_round)
@@ -286,7 +286,8 @@ class AdapterStrategy(FedAvg):
         if self.cohorts:
             messages = self._cohort_messages(arrays, config, MessageType.EVALUATE, self.fraction_evaluate, server_round)
         else:
-            messages = super().configure_evaluate(server_round, arrays, config, grid)
+            sampled_by_fedavg = super().configure_evaluate(server_round, arrays, config, grid)
+            messages = self._per_client(sampled_by_fedavg, arrays, config, MessageType.EVALUATE)
         return self._count_down(server_round, messages)
 
     def _encoder(self, arrays: ArrayRecord) -> Callable[[NodeProfile | None], tuple[dict[str, Tensor], ArrayRecord]]:
@@ -353,15 +354,22 @@ class AdapterStrategy(FedAvg):
             served.append(client)
         return served
 
-    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
-        """Each node's message (FedAvg builds them all here): :meth:`client_state` for its profile."""
+    def _per_client(
+        self, sampled: Iterable[Message], arrays: ArrayRecord, config: ConfigRecord, message_type: str
+    ) -> list[Message]:
+        """FedAvg's sampled messages rebuilt per node: :meth:`client_state` for its profile; remembers what it was sent.
+
+        FedAvg sends every sampled node the same record; only its sampling is
+        kept (the nodes its messages go to), so no private Flower method is overridden.
+        """
+        node_ids = [m.metadata.dst_node_id for m in sampled]
         if self.per_node:
             node_ids = self._with_profile(node_ids)
-        encode = self._encoder(record[self.arrayrecord_key])
+        encode = self._encoder(arrays)
         messages = []
         for node_id in node_ids:
-            expected, arrays = encode(self.profiles[node_id] if self.per_node else None)
-            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record[self.configrecord_key]})
+            expected, node_arrays = encode(self.profiles[node_id] if self.per_node else None)
+            content = RecordDict({self.arrayrecord_key: node_arrays, self.configrecord_key: config})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
             if message_type == MessageType.TRAIN:
                 self.sent[node_id] = expected
