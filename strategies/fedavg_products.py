@@ -7,8 +7,8 @@ https://arxiv.org/abs/2402.11505). The mean has rank up to K·r; it is cut back
 to rank r by its truncated SVD (the best rank-r approximation), computed from the
 factors alone (QR + SVD of a small core, see
 :func:`fedlora.aggregation.product_average`). The relative truncation error is
-logged per layer and recorded per round. Tensors that are not LoRA factors (a
-classification head) are averaged directly.
+recorded per layer and round (its mean and max also logged). Tensors that are
+not LoRA factors (a classification head) are averaged directly.
 """
 
 from __future__ import annotations
