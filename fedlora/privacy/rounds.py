@@ -318,6 +318,10 @@ def masked_reply(
 ) -> RecordDict:
     """Stage 3: the training ``reply`` with its adapter replaced by the masked (clipped, noised) weighted update.
 
+    The update is spread over the groups' segments the instruction describes
+    (:func:`fedlora.privacy.secagg.lay_out`): this client's tensors in its own
+    groups, zeros with weight 0 in the others.
+
     Under DP the weight is 1 and each of the ``n`` clients adds noise of
     standard deviation ``σ·C/√n``: the sum carries ``N(0, (σ·C)²)``, as if the
     server had added it, but no one ever sees a less noisy value.
