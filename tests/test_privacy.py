@@ -25,7 +25,7 @@ from fedlora.privacy import dp, secagg
 from fedlora.privacy.secagg import ProtocolError, ServerSession
 from fedlora.wire import from_record, to_record
 from simulations.bench_privacy import ProtocolGrid
-from strategies import AdapterStrategy, FedAvgFactors, FedSA, MTLoRA, build_strategy
+from strategies import AdapterStrategy, FedAvgFactors, FedSA, LocalOnly, MTLoRA, build_strategy
 from strategies.base import NodeProfile
 
 CLIP, LEVELS = 1.0, 2**22
@@ -443,3 +443,16 @@ def test_a_masked_input_carries_one_exact_sum_per_group() -> None:
         assert decoded[g][1] == sum(member_weights.values())
     with pytest.raises(ProtocolError, match="group 1: this client's tensors hold 3 values, expected 2"):
         secagg.lay_out(np.zeros(6), [3, 3], [0, 1], sizes, 1)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_local_only_under_secure_aggregation_runs_no_protocol_as_nothing_travels() -> None:
+    nodes = {1: "", 2: "", 3: ""}
+    state = lora_state(0)
+    grid = ProtocolGrid(small_updates(nodes), dict.fromkeys(nodes, 3), SETTINGS)
+    strategy = LocalOnly(min_train_nodes=3, min_available_nodes=3, secagg=SETTINGS)
+    out, metrics, replies = scoped_round(strategy, nodes, state, grid)
+    assert {r.metadata.message_type for r in replies} == {"train"} and strategy.secure is None
+    for key, value in state.items():
+        np.testing.assert_array_equal(out[key].numpy(), value)
+    assert "secagg-bytes-up" not in metrics
