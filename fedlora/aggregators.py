@@ -45,6 +45,7 @@ from fedlora.aggregation import (
     stack_factors,
     weighted_average,
 )
+from fedlora.config import RunSettings
 from fedlora.keys import LORA_A, LORA_B, LORA_E, RESIDUAL_A, RESIDUAL_B, is_lora_a, is_lora_e, lora_pairs, module_of
 from fedlora.residual import split_residual
 from fedlora.robust import capped_weights
@@ -186,7 +187,7 @@ class PaddedMean:
     """
 
     norm_weighting: bool = True
-    max_weight_ratio: float = 10.0
+    max_weight_ratio: float = RunSettings.max_weight_ratio
     sum_refusal = NOT_A_MEAN
 
     def aggregate(
