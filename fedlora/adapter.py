@@ -29,11 +29,11 @@ from transformers import PreTrainedModel
 
 from fedlora.aggregation import resize_rank
 from fedlora.config import RunConfig
-from fedlora.keys import LORA_A, LORA_B, RESIDUAL_A, RESIDUAL_B, is_frozen, is_residual, lora_pairs, module_of
+from fedlora.keys import LORA_A, LORA_B, lora_pairs, module_of
 from fedlora.methods import get_method
-from fedlora.residual import merged_residual, set_residual
+from fedlora.residual import merged_residual, set_residual, split_residual
 from fedlora.selection import select
-from fedlora.validation import InvalidUpdate, check_state
+from fedlora.validation import check_state
 
 
 def build_adapter_model(base: PreTrainedModel, cfg: RunConfig, task: str) -> PeftModel:
@@ -102,21 +102,6 @@ def resize_like(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
         if a_key in reference:
             out[b_key], out[a_key] = resize_rank(state[b_key], state[a_key], reference[a_key].shape[0])
     return out
-
-
-def split_residual(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
-    """``state`` as (trainable tensors, residual ``module -> (B, A)``); frozen base tensors are in neither."""
-    trainable = {k: v for k, v in state.items() if not is_residual(k) and not is_frozen(k)}
-    residual = {}
-    for key in state:
-        if key.endswith(RESIDUAL_A):
-            module = key.removesuffix(RESIDUAL_A)
-            if module + RESIDUAL_B not in state:
-                raise InvalidUpdate(f"residual '{key}' has no matching '{module + RESIDUAL_B}'")
-            residual[module] = (state[module + RESIDUAL_B], state[key])
-    if len(residual) * 2 != sum(map(is_residual, state)):
-        raise InvalidUpdate("a residual B has no matching residual A")
-    return trainable, residual
 
 
 def fit_state(

@@ -219,6 +219,10 @@ SA_ENCRYPTION_KEY, SA_MASK_KEY, SA_SHARES, SA_COMMITMENT = "encryption-key", "ma
 SA_REJECTED, SA_REASONS, SA_ALIVE, SA_DROPPED, SA_STATE = "rejected", "reasons", "alive", "dropped", "state"
 """Stage entries: neighbours whose share was bad and why; whose seeds / keys to reveal; the client's kept secrets."""
 
+SA_SIZES, SA_GROUPS = "sizes", "groups"
+"""Stage-3 entries: the length of each group's segment of a masked input, and the group of each tensor a client sends
+(a strategy whose groups have their own clients, MTLoRA's tasks, gets one secure sum per group)."""
+
 CENTRAL = "central"
 """Config entry of an ``evaluate`` message that asks a worker for the central evaluation (``eval.central = worker``)."""
 

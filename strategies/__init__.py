@@ -95,6 +95,8 @@ def check_private(cfg: RunConfig, cls: type[AdapterStrategy]) -> None:
     problems = []
     if reason := cls.sum_refusal(cfg):
         problems.append(f"strategy.name='{cfg.strategy.name}' cannot run on a sum of updates: {reason}")
+    if cfg.dp.clip_norm and (reason := cls.noise_refusal(cfg)):
+        problems.append(f"strategy.name='{cfg.strategy.name}' cannot take client-level DP: {reason}")
     if cfg.strategy.robust != "none":
         problems.append(
             f"strategy.robust='{cfg.strategy.robust}' needs each client's update (a median, a trimmed mean, "
