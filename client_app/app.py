@@ -78,6 +78,7 @@ from fedlora.keys import (
     TRAINABLE_LAYERS,
 )
 from fedlora.privacy import rounds
+from fedlora.selection import select
 from fedlora.training import evaluate, round_lr, train_steps
 from fedlora.wire import from_record, to_record
 
@@ -193,6 +194,7 @@ def receive(
             f"(train.max-length={cfg.train.max_length} cuts every answer off?)"
         )
     state = from_record(arrays)
+    select(bench.model, state)  # LISA: the trainable set is the message's, before the local tensors are told apart
     trainable, _ = split_residual(state)
     local = [k for k in trainable_names(bench.model) if k not in trainable]  # no copy on every message
     if local:  # tensors the strategy keeps on the client: the last ones this client trained, else the initial ones

@@ -22,24 +22,25 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from fedlora.aggregation import resize_rank
 from fedlora.config import RunConfig
-from fedlora.keys import LORA_A, LORA_B, RESIDUAL_A, RESIDUAL_B, is_residual, lora_pairs, module_of
+from fedlora.keys import LORA_A, LORA_B, lora_pairs, module_of
 from fedlora.methods import get_method
-from fedlora.residual import merged_residual, set_residual
-from fedlora.validation import InvalidUpdate, check_state
+from fedlora.residual import merged_residual, set_residual, split_residual
+from fedlora.selection import select
+from fedlora.validation import check_state
 
 
 def build_adapter_model(base: PreTrainedModel, cfg: RunConfig, task: str) -> PeftModel:
     """Wrap ``base`` with a fresh ``adapter.method`` adapter (initialised from torch's current RNG state)."""
     method = get_method(cfg.adapter.method)
     try:
-        model = get_peft_model(base, method.peft_config(cfg, task))
+        model = method.wrap(base, cfg, task)
     except ValueError as err:  # e.g. target modules not found in the base
         raise ValueError(f"cannot apply adapter.method='{method.name}' to this model: {err}") from err
     method.add_adapters(model, cfg, task)
@@ -57,7 +58,7 @@ def drop_base_weights(model: PeftModel) -> None:
     peft named it after one of the model's adapters (``….lora_A.default.weight``,
     ``….modules_to_save.default.…``), frozen or not (LoRA-FA's shared A).
     """
-    adapters = set(model.peft_config)
+    adapters = set(getattr(model, "peft_config", {}))  # a full-parameter method's model (LISA) has none
     for module_name, module in model.named_modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if not param.requires_grad and not adapters & set(f"{module_name}.{name}".split(".")):
@@ -103,21 +104,6 @@ def resize_like(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
     return out
 
 
-def split_residual(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
-    """``state`` as (trainable tensors, residual ``module -> (B, A)``)."""
-    trainable = {k: v for k, v in state.items() if not is_residual(k)}
-    residual = {}
-    for key in state:
-        if key.endswith(RESIDUAL_A):
-            module = key.removesuffix(RESIDUAL_A)
-            if module + RESIDUAL_B not in state:
-                raise InvalidUpdate(f"residual '{key}' has no matching '{module + RESIDUAL_B}'")
-            residual[module] = (state[module + RESIDUAL_B], state[key])
-    if len(residual) * 2 != len(state) - len(trainable):
-        raise InvalidUpdate("a residual B has no matching residual A")
-    return trainable, residual
-
-
 def fit_state(
     model: torch.nn.Module, state: Mapping[str, Tensor]
 ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
@@ -141,8 +127,10 @@ def load_adapter_state(model: torch.nn.Module, state: Mapping[str, Tensor]) -> N
 
     LoRA factors of a lower rank are zero-padded (:func:`fit_state`); residual
     tensors are merged into the base weights (:func:`set_residual`), and
-    without any, a residual merged earlier is removed.
+    without any, a residual merged earlier is removed. A model whose trainable
+    set each message chooses (LISA) is first set to ``state``'s (:func:`fedlora.selection.select`).
     """
+    select(model, state)
     trainable, residual = fit_state(model, state)
     params = _trainable(model)
     set_residual(model, residual)
@@ -160,6 +148,9 @@ def save_adapter_files(model: PeftModel, folder: Path, adapters: list[str] | Non
     ``lora_alpha = r = R``, so peft's scaling is 1 and
     ``PeftModel.from_pretrained`` computes exactly the model trained here.
     """
+    if not isinstance(model, PeftModel):  # a full-parameter method's model (LISA): a transformers model folder
+        model.save_pretrained(folder)
+        return
     residual = merged_residual(model)
     if not residual:
         model.save_pretrained(folder, selected_adapters=adapters)

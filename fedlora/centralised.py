@@ -35,6 +35,7 @@ from fedlora.keys import NUM_EXAMPLES
 from fedlora.methods import get_method
 from fedlora.methods.base import AdapterMethod
 from fedlora.report import RoundReport, save_adapter
+from fedlora.selection import is_selectable
 from fedlora.training import evaluate, round_lr, train_steps
 
 
@@ -66,6 +67,11 @@ def run_centralised(cfg: RunConfig, clients: int) -> list[dict[str, Any]]:
     clients = cfg.cohort.clients or clients
     _check(cfg, clients)
     bench = runtime.workbench(cfg)
+    if is_selectable(bench.model):
+        raise ConfigError(
+            f"adapter.method='{cfg.adapter.method}' trains what the server's strategy chooses each round, which the "
+            "centralised baseline has no equivalent of"
+        )
     pooled = concatenate_datasets([runtime.client_sets(cfg, i, clients)[0] for i in range(clients)])
     test_loader = bench.loader(runtime.test_set(cfg), cfg.eval.batch_size)
     load_adapter_state(bench.model, bench.initial)  # the process's model may hold an earlier run's adapter

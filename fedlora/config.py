@@ -145,6 +145,7 @@ class StrategySettings:
         "client rank), `flora` (exact stacking merged into the base); `adalora-merge` for AdaLoRA clients; "
         "`delta-lora` for Delta-LoRA clients (keeps their base deltas as an exact residual); `lora-drop` for "
         "LoRA-drop clients (drops the least important layers after the warm-up rounds); "
+        "`lisa` for LISA clients (samples the round's layers, averages them into the whole model); "
         "or `package.module:Class` for your own strategy.",
     )
     within: str = opt(
@@ -310,7 +311,8 @@ class AdapterSettings:
         "trained with shifted sparse attention); `vera` (shared frozen random matrices, only scaling "
         "vectors train); `prompt-tuning`, `p-tuning` (virtual tokens); `prefix-tuning` (per-layer key/value "
         "prefixes through an MLP), `p-tuning-v2` (the same deep prompts trained directly); `bottleneck` (Houlsby "
-        "adapters after attention and feed-forward).",
+        "adapters after attention and feed-forward); `lisa` (full-parameter training of `lisa.layers` sampled decoder "
+        "layers per round plus embeddings and head, with strategy `lisa`).",
         tuple(METHODS),
     )
     r: int = opt(
@@ -722,6 +724,9 @@ def _check_applies(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"run-config key '{key}' does not apply to adapter.method='{method}' (only to {', '.join(methods)})"
             )
+    for key, why in get_method(method).refused_settings.items():
+        if run_config.get(key, options[key].default) != options[key].default:
+            raise ConfigError(f"run-config key '{key}' does not apply to adapter.method='{method}': {why}")
 
 
 def _check_ranges(cfg: RunConfig) -> None:

@@ -13,6 +13,10 @@ magnitude and every other tensor are averaged element-wise. MTLoRA's task-specif
 ``expert-1``, … (:func:`expert_adapter`), each an ordinary factor pair, and its router per layer is
 ``<module>.moe_router.weight``. A global adapter may also carry, per LoRA layer,
 a residual ``<module>.residual_B``/``<module>.residual_A`` that the parties merge into their base weights (FLoRA).
+A full-parameter method (LISA) sends base parameters under their own names; one that is frozen this round but
+differs from the initial base travels as ``<name>@frozen`` (:func:`frozen_key`): the party writes it into its
+base and does not train it. Decoder layer ``i``'s parameters contain ``.layers.<i>.`` (``.layer.``, ``.h.``,
+``.blocks.`` in other architectures; :func:`layer_of`).
 
 **Protocol keys** name the records of a Flower message and the entries the server and clients exchange; they
 are Flower ``FedAvg``'s defaults where Flower has one, passed to it explicitly so the two cannot drift apart.
@@ -20,6 +24,7 @@ are Flower ``FedAvg``'s defaults where Flower has one, passed to it explicitly s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
@@ -62,6 +67,12 @@ ROUTER = f".{ROUTER_MODULE}."
 EXPERT_PREFIX = "expert-"
 """LoRAMoE's experts after the first (peft's ``default``) are the peft adapters ``expert-<i>``."""
 
+FROZEN = "@frozen"
+"""Suffix of a base parameter a party writes into its base without training it (a layer LISA trained earlier)."""
+
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+"""Where a parameter name holds its decoder layer's index (``model.layers.3.mlp…``, ``encoder.layer.3.…``)."""
+
 PEFT_PREFIX = "base_model.model."
 """What a ``PeftModel`` puts before the inner model's parameter names (peft reports some names without it)."""
 
@@ -84,6 +95,22 @@ def is_lora_e(key: str) -> bool:
 def is_residual(key: str) -> bool:
     """Whether ``key`` is a residual factor (FLoRA), which a party merges into its base instead of training it."""
     return key.endswith((RESIDUAL_A, RESIDUAL_B))
+
+
+def is_frozen(key: str) -> bool:
+    """Whether ``key`` names a base parameter sent to be written into the base, not trained (:data:`FROZEN`)."""
+    return key.endswith(FROZEN)
+
+
+def frozen_key(name: str) -> str:
+    """The key parameter ``name`` travels under when it is frozen this round."""
+    return name + FROZEN
+
+
+def layer_of(key: str) -> int | None:
+    """The decoder layer a parameter (or its frozen key) belongs to; None outside the layers (embeddings, head)."""
+    found = LAYER_INDEX.search(key)
+    return int(found.group(1)) if found else None
 
 
 def module_of(key: str) -> str:
@@ -191,6 +218,10 @@ SA_ENCRYPTION_KEY, SA_MASK_KEY, SA_SHARES, SA_COMMITMENT = "encryption-key", "ma
 
 SA_REJECTED, SA_REASONS, SA_ALIVE, SA_DROPPED, SA_STATE = "rejected", "reasons", "alive", "dropped", "state"
 """Stage entries: neighbours whose share was bad and why; whose seeds / keys to reveal; the client's kept secrets."""
+
+SA_SIZES, SA_GROUPS = "sizes", "groups"
+"""Stage-3 entries: the length of each group's segment of a masked input, and the group of each tensor a client sends
+(a strategy whose groups have their own clients, MTLoRA's tasks, gets one secure sum per group)."""
 
 CENTRAL = "central"
 """Config entry of an ``evaluate`` message that asks a worker for the central evaluation (``eval.central = worker``)."""

@@ -15,9 +15,25 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from fedlora.keys import RESIDUAL_A, RESIDUAL_B, is_frozen, is_residual
 from fedlora.validation import InvalidUpdate
 
 _MERGED = "_fedlora_residual"  # model attribute: the residual now added to the base weights
+
+
+def split_residual(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """``state`` as (trainable tensors, residual ``module -> (B, A)``); frozen base tensors (LISA's) are in neither."""
+    trainable = {k: v for k, v in state.items() if not is_residual(k) and not is_frozen(k)}
+    residual = {}
+    for key in state:
+        if key.endswith(RESIDUAL_A):
+            module = key.removesuffix(RESIDUAL_A)
+            if module + RESIDUAL_B not in state:
+                raise InvalidUpdate(f"residual '{key}' has no matching '{module + RESIDUAL_B}'")
+            residual[module] = (state[module + RESIDUAL_B], state[key])
+    if len(residual) * 2 != sum(map(is_residual, state)):
+        raise InvalidUpdate("a residual B has no matching residual A")
+    return trainable, residual
 
 
 def set_residual(model: torch.nn.Module, residual: Mapping[str, tuple[Tensor, Tensor]]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 
 import fedlora.quiet  # noqa: F401  # installs the third-party warning filters before fedlora loads
 from fedlora import central, runtime
@@ -230,7 +231,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> ArrayRecord:
     )
     load_adapter_state(bench.model, from_record(latest))
     save_adapter(bench.model, output_dir / "adapter", method=bench.method)
-    log(INFO, "Global adapter saved to %s (load it with peft.PeftModel.from_pretrained)", output_dir / "adapter")
+    loader = "peft.PeftModel" if isinstance(bench.model, PeftModel) else "transformers' AutoModelForCausalLM"  # LISA
+    log(INFO, "Global adapter saved to %s (load it with %s.from_pretrained)", output_dir / "adapter", loader)
     for task in tasks:  # a method with per-task adapters (MTLoRA): each task's, in peft's multi-adapter layout
         adapters = bench.method.task_adapters(task)
         if adapters:

@@ -22,6 +22,7 @@ from strategies.fedsa import FedSA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
+from strategies.lisa import LISA
 from strategies.local_only import LocalOnly
 from strategies.lora_drop import LoRADrop
 from strategies.mtlora import MTLoRA
@@ -38,6 +39,7 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
     "local-only": LocalOnly,
     "delta-lora": DeltaLoRA,
     "lora-drop": LoRADrop,
+    "lisa": LISA,
 }
 
 
@@ -93,6 +95,8 @@ def check_private(cfg: RunConfig, cls: type[AdapterStrategy]) -> None:
     problems = []
     if reason := cls.sum_refusal(cfg):
         problems.append(f"strategy.name='{cfg.strategy.name}' cannot run on a sum of updates: {reason}")
+    if cfg.dp.clip_norm and (reason := cls.noise_refusal(cfg)):
+        problems.append(f"strategy.name='{cfg.strategy.name}' cannot take client-level DP: {reason}")
     if cfg.strategy.robust != "none":
         problems.append(
             f"strategy.robust='{cfg.strategy.robust}' needs each client's update (a median, a trimmed mean, "
@@ -148,6 +152,7 @@ def build_strategy(cfg: RunConfig) -> AdapterStrategy:
 
 
 __all__ = [
+    "LISA",
     "STRATEGIES",
     "AdaLoRAMerge",
     "AdapterStrategy",

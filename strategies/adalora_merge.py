@@ -15,22 +15,22 @@ all layers together as the clients kept on average, chosen by |Λ|
 
 from __future__ import annotations
 
-from statistics import fmean
-
-import torch
 from torch import Tensor
 
-from fedlora.aggregation import average_states, budget_masks, masked_average
+from fedlora.aggregators import KEPT, MaskedBudget
 from fedlora.config import RunConfig
-from fedlora.keys import LORA_A, LORA_B, LORA_E, RANK_PATTERN, is_lora_e
+from fedlora.keys import RANK_PATTERN
 from fedlora.validation import rank_masks
 from strategies.base import AdapterStrategy, ClientReply
 
-KEPT = "#kept"  # suffix of the kept-indices mask added to a decoded reply
-
 
 class AdaLoRAMerge(AdapterStrategy):
-    """Average each AdaLoRA triplet over the clients that kept it, then cut to the clients' mean budget."""
+    """Average each AdaLoRA triplet over the clients that kept it, then cut to the clients' mean budget.
+
+    The maths is :class:`fedlora.aggregators.MaskedBudget`; this class reads each reply's rank pattern.
+    """
+
+    aggregator = MaskedBudget()
 
     @classmethod
     def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
@@ -46,26 +46,3 @@ class AdaLoRAMerge(AdapterStrategy):
         pattern = reply.content.config_records.get(RANK_PATTERN) if reply.content else None
         masks = rank_masks(state, dict(pattern) if pattern is not None else {})
         return {**state, **{key + KEPT: mask for key, mask in masks.items()}}, weight
-
-    def aggregate_states(
-        self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
-    ) -> dict[str, Tensor]:
-        """Mask-aware average of every triplet, plain average of everything else, then the budget cut."""
-        e_keys = [k for k in self.global_state if is_lora_e(k)]
-        triplet_keys = {k.replace(LORA_E, part) for k in e_keys for part in (LORA_A, LORA_B, LORA_E)}
-        new_state = average_states(states, weights, [k for k in self.global_state if k not in triplet_keys])
-        for e_key in e_keys:
-            masks = [s[e_key + KEPT] for s in states]
-            a_key, b_key = e_key.replace(LORA_E, LORA_A), e_key.replace(LORA_E, LORA_B)
-            no_vote = torch.zeros_like(self.global_state[e_key])  # an index nobody kept stays pruned
-            new_state[e_key] = masked_average([s[e_key] for s in states], masks, weights, no_vote, dim=0)
-            new_state[a_key] = masked_average([s[a_key] for s in states], masks, weights, self.global_state[a_key])
-            new_state[b_key] = masked_average(
-                [s[b_key] for s in states], masks, weights, self.global_state[b_key], dim=1
-            )
-        budget = round(fmean(sum(int(s[k + KEPT].sum()) for k in e_keys) for s in states))
-        kept = budget_masks({k: new_state[k] for k in e_keys}, budget)
-        for e_key, mask in kept.items():
-            new_state[e_key] = new_state[e_key] * mask.view_as(new_state[e_key])
-        self.round_log[server_round]["rank-budget"] = budget
-        return new_state

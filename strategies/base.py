@@ -26,9 +26,10 @@ metric aggregation) plus what adapters need:
 * the new global adapter is rounded to the transport dtype, so the server's
   evaluation, the clients and the saved adapter all see the same numbers.
 
-A strategy implements :meth:`AdapterStrategy.aggregate_states`, a function
-from the accepted clients' states and weights to the new global state, usually
-by calling the pure functions of :mod:`fedlora.aggregation`. A strategy that
+A strategy composes an :class:`fedlora.aggregators.Aggregator` (its
+``aggregator``: the pure maths from the accepted clients' states and weights to
+the new global state, with per-round diagnostics for the log), or overrides
+:meth:`AdapterStrategy.aggregate_states` for maths of its own. A strategy that
 sends nodes different adapters (clients of different LoRA ranks, of different
 tasks) sets ``per_node = True`` and implements
 :meth:`AdapterStrategy.client_state`, the adapter for a node's
@@ -49,13 +50,17 @@ With secure aggregation (``secagg.enabled``) or client-level differential
 privacy (``dp.clip-norm``) the server aggregates only a sum of updates
 (:mod:`fedlora.privacy`): a strategy allows it when its aggregate is a weighted
 sum of the clients' tensors (:meth:`AdapterStrategy.sum_refusal`), and then
-aggregates the one mean state it is given.
+aggregates the one mean state it is given. Tensors shared by different sets of
+clients (MTLoRA's tasks) are summed per group (:meth:`AdapterStrategy.sum_groups`).
+
+From ``FedAvg`` only the public ``configure_train`` / ``configure_evaluate``
+are used: their sampled messages are rebuilt per node (its own adapter, what it
+was sent remembered), so no private Flower method is overridden.
 """
 
 from __future__ import annotations
 
 import random
-from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -71,13 +76,14 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
-from fedlora.adapter import split_residual
+from fedlora.aggregators import NOT_A_MEAN, AggregateResult, Aggregator
 from fedlora.cohort import protocol
 from fedlora.config import ConfigError, DPSettings, RunConfig, RunSettings, SecAggSettings, StrategySettings
 from fedlora.keys import ARRAYS, CONFIG, NUM_EXAMPLES, PROFILE_QUESTION, RANK_KEY, SERVER_ROUND, TASK_KEY, is_lora_a
 from fedlora.privacy import dp
 from fedlora.privacy.rounds import SecureRound
 from fedlora.privacy.secagg import ProtocolError
+from fedlora.residual import split_residual
 from fedlora.robust import average_metrics, capped_weights, robust_states, update_norm
 from fedlora.server_opt import Moments, ServerOptimizer, server_step
 from fedlora.validation import InvalidUpdate, check_record_size, check_state, check_weight
@@ -121,10 +127,13 @@ class AdapterStrategy(FedAvg):
     ``trim_fraction``, the robust aggregation (:func:`fedlora.robust.robust_states`);
     ``server_optimizer``, the server's step on the aggregate (None: the aggregate as is).
     ``secagg`` and ``privacy``, secure aggregation and differential privacy
-    (None: off). Defaults are the run config's.
+    (None: off). ``aggregator``, the maths (None: the class's ``aggregator``
+    attribute; a strategy overriding :meth:`aggregate_states` needs none).
+    Defaults are the run config's.
     """
 
     per_node: ClassVar[bool] = False  # True: ask nodes their profile and send each its own adapter
+    aggregator: Aggregator  # the maths: a class attribute or the constructor's, unless aggregate_states is overridden
 
     def __init__(
         self,
@@ -139,10 +148,15 @@ class AdapterStrategy(FedAvg):
         server_optimizer: ServerOptimizer | None = None,
         secagg: SecAggSettings | None = None,
         privacy: DPSettings | None = None,
+        aggregator: Aggregator | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         # Flower's defaults, named explicitly: the client app reads the same keys (fedlora.keys)
         super().__init__(arrayrecord_key=ARRAYS, configrecord_key=CONFIG, weighted_by_key=NUM_EXAMPLES, **fedavg_kwargs)
+        if aggregator is not None:
+            self.aggregator = aggregator
+        if not hasattr(self, "aggregator") and type(self).aggregate_states is AdapterStrategy.aggregate_states:
+            raise TypeError(f"{type(self).__name__} sets no aggregator and overrides no aggregate_states")
         self.cohorts = cohorts
         self.assigned: dict[int, int] = {}  # with cohorts: virtual client -> the worker node it was sent to
         self.wire_dtype = wire_dtype
@@ -183,19 +197,50 @@ class AdapterStrategy(FedAvg):
     def sum_refusal(cls, cfg: RunConfig) -> str:
         """Why this strategy cannot aggregate from a sum of updates (secure aggregation, DP); "" if it can.
 
-        It can when its aggregate of any states is their weighted mean, so the
-        mean alone (all the server learns) gives the same adapter. Default: no.
+        It can when its aggregate of any states is their weighted mean
+        (its aggregator's ``sum_refusal`` is empty), so the mean alone (all the
+        server learns) gives the same adapter. Default: no.
         """
-        return "its aggregate is not the weighted mean of the clients' tensors, so it needs each of them"
+        return NOT_A_MEAN
 
-    @abstractmethod
+    @classmethod
+    def noise_refusal(cls, cfg: RunConfig) -> str:
+        """Why client-level DP does not apply though a sum does ("" when it does: the default)."""
+        return ""
+
+    def sum_groups(self) -> list[list[str]]:
+        """The tensors a secure (or DP) sum adds up, in groups each summed over the clients sent it, in order.
+
+        Default: one group, every tensor the clients are sent (the residual is
+        the server's own and never comes back).
+        """
+        return [list(split_residual(self.global_state)[0])]
+
     def aggregate_states(
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
     ) -> dict[str, Tensor]:
-        """New global adapter state from the accepted clients' states (float32) and weights."""
+        """New global adapter state from the accepted clients' states (float32) and weights.
+
+        Default: :attr:`aggregator` on the global adapter, its diagnostics recorded (:meth:`record`).
+        """
+        return self.record(server_round, self.aggregator.aggregate(self.global_state, states, weights))
+
+    def record(self, server_round: int, result: AggregateResult) -> dict[str, Tensor]:
+        """``result``'s state; its diagnostics go to the round's log, the scalar ones also to the server's log."""
+        self.round_log[server_round].update(result.diagnostics)
+        if scalars := {k: v for k, v in result.diagnostics.items() if isinstance(v, int | float)}:
+            log(INFO, "round %d: %s", server_round, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+        return result.state
 
     def client_state(self, profile: NodeProfile) -> dict[str, Tensor]:
         """The adapter sent to a node with ``profile`` (default: the global adapter itself)."""
+        return self.global_state
+
+    def message_state(self) -> dict[str, Tensor]:
+        """What every node is sent this round when all get the same (default: the global adapter itself).
+
+        A strategy that sends part of its global state overrides it (LISA: the round's layers).
+        """
         return self.global_state
 
     def check_profile(self, profile: NodeProfile) -> None:
@@ -218,12 +263,13 @@ class AdapterStrategy(FedAvg):
             messages = self._cohort_messages(arrays, config, MessageType.TRAIN, self.fraction_train, server_round)
             sampled = len(self.sent)
         else:
-            messages = super().configure_train(server_round, arrays, config, grid)
+            sampled_by_fedavg = super().configure_train(server_round, arrays, config, grid)
+            messages = self._per_client(sampled_by_fedavg, arrays, config, MessageType.TRAIN)
             sampled = len(messages)
-            if self.secagg:
+            if self.secagg and (groups := self.sum_groups()):
                 exclude, count = partial(self._exclude_client, server_round), partial(self._count, server_round)
                 self.secure = SecureRound(self.secagg, grid, server_round, exclude, count)
-                messages = self.secure.open(list(messages))
+                messages = self.secure.open(list(messages), *self._layout(groups))
         messages = self._count_down(server_round, messages)
         if sampled < self.min_replies:  # no round of this run could ever aggregate
             raise ConfigError(
@@ -231,6 +277,12 @@ class AdapterStrategy(FedAvg):
                 f"(fraction-train={self.fraction_train}, {len(list(grid.get_node_ids()))} node(s) connected)"
             )
         return messages
+
+    def _layout(self, groups: list[list[str]]) -> tuple[list[int], dict[int, list[int]]]:
+        """The groups' segment lengths, and per node the group of each tensor it was sent (in order)."""
+        group_of = {key: index for index, keys in enumerate(groups) for key in keys}
+        sizes = [sum(self.global_state[k].numel() for k in keys) for keys in groups]
+        return sizes, {node: [group_of[k] for k in sent] for node, sent in self.sent.items()}
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -241,7 +293,8 @@ class AdapterStrategy(FedAvg):
         if self.cohorts:
             messages = self._cohort_messages(arrays, config, MessageType.EVALUATE, self.fraction_evaluate, server_round)
         else:
-            messages = super().configure_evaluate(server_round, arrays, config, grid)
+            sampled_by_fedavg = super().configure_evaluate(server_round, arrays, config, grid)
+            messages = self._per_client(sampled_by_fedavg, arrays, config, MessageType.EVALUATE)
         return self._count_down(server_round, messages)
 
     def _encoder(self, arrays: ArrayRecord) -> Callable[[NodeProfile | None], tuple[dict[str, Tensor], ArrayRecord]]:
@@ -250,8 +303,9 @@ class AdapterStrategy(FedAvg):
 
         def encode(profile: NodeProfile | None) -> tuple[dict[str, Tensor], ArrayRecord]:
             if profile not in encoded:
-                state = self.client_state(profile) if profile else self.global_state
-                encoded[profile] = (split_residual(state)[0], to_record(state, self.wire_dtype) if profile else arrays)
+                state = self.client_state(profile) if profile else self.message_state()
+                record = arrays if state is self.global_state else to_record(state, self.wire_dtype)
+                encoded[profile] = (split_residual(state)[0], record)
             return encoded[profile]
 
         return encode
@@ -308,15 +362,22 @@ class AdapterStrategy(FedAvg):
             served.append(client)
         return served
 
-    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
-        """Each node's message (FedAvg builds them all here): :meth:`client_state` for its profile."""
+    def _per_client(
+        self, sampled: Iterable[Message], arrays: ArrayRecord, config: ConfigRecord, message_type: str
+    ) -> list[Message]:
+        """FedAvg's sampled messages rebuilt per node: :meth:`client_state` for its profile; remembers what it was sent.
+
+        FedAvg sends every sampled node the same record; only its sampling is
+        kept (the nodes its messages go to), so no private Flower method is overridden.
+        """
+        node_ids = [m.metadata.dst_node_id for m in sampled]
         if self.per_node:
             node_ids = self._with_profile(node_ids)
-        encode = self._encoder(record[self.arrayrecord_key])
+        encode = self._encoder(arrays)
         messages = []
         for node_id in node_ids:
-            expected, arrays = encode(self.profiles[node_id] if self.per_node else None)
-            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record[self.configrecord_key]})
+            expected, node_arrays = encode(self.profiles[node_id] if self.per_node else None)
+            content = RecordDict({self.arrayrecord_key: node_arrays, self.configrecord_key: config})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
             if message_type == MessageType.TRAIN:
                 self.sent[node_id] = expected
@@ -354,7 +415,7 @@ class AdapterStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, aggregate the good ones, keep the global adapter if too few are good."""
         server_round += self.round_offset
-        if self.secagg or (self.privacy and self.privacy.clip_norm):
+        if (self.secagg or (self.privacy and self.privacy.clip_norm)) and self.sum_groups():
             return self._aggregate_mean(server_round, self.client_replies(replies))
         accepted: list[ClientReply] = []
         states, weights, sents = [], [], []
@@ -407,8 +468,10 @@ class AdapterStrategy(FedAvg):
         """Secure aggregation and/or DP: the new adapter from the (noisy) mean update alone.
 
         Metrics are checked and averaged in the clear. Under secure aggregation
-        the mean comes from the protocol, else from the decoded replies, clipped
-        and noised here (:func:`fedlora.privacy.dp.noisy_mean`).
+        the mean comes from the protocol, one per group of :meth:`sum_groups`
+        (a group with fewer than ``min_replies`` clients in its sum, or none,
+        keeps its tensors as they were); else from the decoded replies, clipped
+        and noised here (:func:`fedlora.privacy.dp.noisy_mean`, one group only).
         """
         good: dict[int, ClientReply] = {}
         weights: dict[int, float] = {}
@@ -419,15 +482,26 @@ class AdapterStrategy(FedAvg):
                 self._exclude(server_round, reply, str(err))
                 continue
             good[reply.client] = reply
-        sent = split_residual(self.global_state)[0]  # every client was sent the global adapter
-        size = sum(t.numel() for t in sent.values())
+        groups = self.sum_groups()
+        templates = [{k: self.global_state[k] for k in keys} for keys in groups]  # what each group was sent
         try:
             if self.secure:
                 contents = {c: r.content for c, r in good.items() if r.content is not None}
-                mean, included, noise_share = self.secure.close(contents, size)
+                sizes, layout = self._layout(groups)
+                means, included, noise_share = self.secure.close(contents, sizes)
                 self._count(server_round, "bytes-up", sum(record_nbytes(contents[c][self.arrayrecord_key])
                                                           for c in included))  # fmt: skip
+                for group, keys in enumerate(groups):
+                    if 0 < (members := sum(group in layout[c] for c in included)) < self.min_replies:
+                        log(WARNING, "round %d: %d client(s) in the sum of '%s' and its group, fewer than "
+                            "min-replies=%d: they stay as they were", server_round, members, keys[0],
+                            self.min_replies)  # fmt: skip
+                        means[group] = None
             else:
+                if len(templates) != 1:
+                    raise ProtocolError(f"differential privacy without secure aggregation sums one group, not "
+                                        f"{len(templates)}")  # fmt: skip
+                sent = templates[0]
                 updates = {}
                 for client, reply in good.items():
                     try:
@@ -440,10 +514,14 @@ class AdapterStrategy(FedAvg):
                 if not updates:
                     raise ProtocolError("no valid reply")
                 assert self.privacy is not None
-                mean = dp.noisy_mean(list(updates.values()), self.privacy.clip_norm, self.privacy.noise_multiplier)
+                means = [dp.noisy_mean(list(updates.values()), self.privacy.clip_norm, self.privacy.noise_multiplier)]
             if len(included) < self.min_replies:
                 raise ProtocolError(f"{len(included)} client(s) in the sum, fewer than min-replies={self.min_replies}")
-            state, moments = self._server_step(self.aggregate_states(server_round, [dp.add_update(sent, mean)], [1.0]))
+            mean_state = {}  # every group's mean state: a group without one keeps its tensors (the aggregators' rule)
+            for template, mean in zip(templates, means, strict=True):
+                if mean is not None:
+                    mean_state.update(dp.add_update(template, mean))
+            state, moments = self._server_step(self.aggregate_states(server_round, [mean_state], [1.0]))
             arrays = to_record(state, self.wire_dtype)
             self._check_global(from_record(arrays))
             self.moments = moments

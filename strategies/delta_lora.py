@@ -25,26 +25,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from fedlora.adapter import split_residual
-from fedlora.aggregation import compact, normalized_weights, stack_factors
+from fedlora.aggregators import DeltaResidual, within_aggregator
 from fedlora.config import RunConfig
-from fedlora.keys import RESIDUAL_A, RESIDUAL_B, lora_pairs, module_of
 from strategies.base import AdapterStrategy
-from strategies.fedavg_factors import FedAvgFactors
 from strategies.fedavg_products import FedAvgProducts
 
 
 class DeltaLoRA(AdapterStrategy):
-    """``strategy.within`` for the LoRA factors; the clients' mean base delta added to an exact residual."""
+    """``strategy.within`` for the LoRA factors; the clients' mean base delta added to an exact residual.
+
+    The maths is :class:`fedlora.aggregators.DeltaResidual` around ``strategy.within``'s aggregator.
+    """
 
     def __init__(self, *, rate: float = 1.0, within: str = "fedavg-factors", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.rate = rate
-        self.math: AdapterStrategy = FedAvgProducts() if within == "fedavg-products" else FedAvgFactors()
-        self.math.round_log = self.round_log
+        super().__init__(aggregator=DeltaResidual(within_aggregator(within), rate), **kwargs)
 
     @classmethod
     def options(cls, cfg: RunConfig) -> dict[str, Any]:
@@ -58,25 +52,3 @@ class DeltaLoRA(AdapterStrategy):
     def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
         """As ``strategy.within``'s: it steps the LoRA factors; the residual stays the clients' exact mean base."""
         return FedAvgProducts.server_optimizer_refusal(cfg) if cfg.strategy.within == "fedavg-products" else ""
-
-    def aggregate_states(
-        self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
-    ) -> dict[str, Tensor]:
-        """The LoRA factors averaged; each layer's residual plus λ·s·(Σ p_k B_k A_k − B_g A_g), compacted."""
-        sent, residual = split_residual(self.global_state)
-        self.math.global_state = sent
-        new_state = self.math.aggregate_states(server_round, states, weights)
-        coefficients = [self.rate * p for p in normalized_weights(weights)] + [-self.rate]
-        ranks = []
-        for a_key, b_key in lora_pairs(sent).values():
-            module = module_of(a_key)
-            b, a = stack_factors(
-                [*(s[b_key] for s in states), sent[b_key]], [*(s[a_key] for s in states), sent[a_key]], coefficients
-            )
-            if module in residual:
-                b, a = torch.cat([residual[module][0], b], 1), torch.cat([residual[module][1], a], 0)
-            new_state[module + RESIDUAL_B], new_state[module + RESIDUAL_A] = compact(b, a)
-            ranks.append(new_state[module + RESIDUAL_A].shape[0])
-        if ranks:
-            self.round_log[server_round]["residual-rank-max"] = max(ranks)
-        return new_state

@@ -9,23 +9,17 @@ updates ``mean(B·A)``; :class:`strategies.fedavg_products.FedAvgProducts` is ex
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from fedlora.aggregation import average_states
+from fedlora.aggregators import FactorMean
 from fedlora.config import RunConfig
 from strategies.base import AdapterStrategy
 
 
 class FedAvgFactors(AdapterStrategy):
-    """Weighted average of every adapter tensor, factor by factor."""
+    """Weighted average of every adapter tensor, factor by factor (:class:`fedlora.aggregators.FactorMean`)."""
+
+    aggregator = FactorMean()
 
     @classmethod
     def sum_refusal(cls, cfg: RunConfig) -> str:
         """None: the weighted mean of each tensor is a weighted sum, all secure aggregation reveals."""
-        return ""
-
-    def aggregate_states(
-        self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
-    ) -> dict[str, Tensor]:
-        """Key-wise weighted mean."""
-        return average_states(states, weights)
+        return cls.aggregator.sum_refusal

@@ -26,6 +26,11 @@ class FedSA(SplitStrategy):
         """Allowed with either ``within``: only A is shared, so nothing is re-factorised."""
         return ""
 
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """None with either ``within``: only A is shared, a mean (no B·A to re-factorise), one sum over all clients."""
+        return ""
+
     def scope(self, key: str) -> str:
         """``LOCAL`` for B factors, ``GLOBAL`` for the rest."""
         return self.LOCAL if is_lora_b(key) else self.GLOBAL

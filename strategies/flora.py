@@ -35,15 +35,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedlora.adapter import resize_state, split_residual
-from fedlora.aggregation import average_states, compact, normalized_weights, stack_factors
+from fedlora.adapter import resize_state
+from fedlora.aggregators import StackedResidual
 from fedlora.config import RunConfig
-from fedlora.keys import RESIDUAL_A, RESIDUAL_B, lora_pairs, module_of
+from fedlora.keys import lora_pairs
 from strategies.base import AdapterStrategy, NodeProfile
 
 
 class FLoRA(AdapterStrategy):
-    """Exact stacking of mixed-rank factors into a residual merged into the base; fresh LoRA every round."""
+    """Exact stacking of mixed-rank factors into a residual merged into the base; fresh LoRA every round.
+
+    The maths is :class:`fedlora.aggregators.StackedResidual`; this class sends fresh factors.
+    """
 
     per_node = True
 
@@ -56,8 +59,7 @@ class FLoRA(AdapterStrategy):
         )
 
     def __init__(self, *, scaling: float = 2.0, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.scaling = scaling
+        super().__init__(aggregator=StackedResidual(scaling), **kwargs)
         self.seed = seed
 
     @classmethod
@@ -74,25 +76,3 @@ class FLoRA(AdapterStrategy):
             state[a_key] = (torch.rand(state[a_key].shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
             state[b_key] = torch.zeros_like(state[b_key])
         return state
-
-    def aggregate_states(
-        self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
-    ) -> dict[str, Tensor]:
-        """Add the stacked round update to the residual; average every other tensor."""
-        template, residual = split_residual(self.global_state)
-        pairs = lora_pairs(template)
-        factor_keys = {key for pair in pairs.values() for key in pair}
-        new_state = average_states(states, weights, [k for k in template if k not in factor_keys])
-        coefficients = [self.scaling * p for p in normalized_weights(weights)]
-        ranks = []
-        for a_key, b_key in pairs.values():
-            module = module_of(a_key)
-            b, a = stack_factors([s[b_key] for s in states], [s[a_key] for s in states], coefficients)
-            if module in residual:
-                b, a = torch.cat([residual[module][0], b], 1), torch.cat([residual[module][1], a], 0)
-            new_state[module + RESIDUAL_B], new_state[module + RESIDUAL_A] = compact(b, a)
-            new_state[a_key], new_state[b_key] = template[a_key], torch.zeros_like(template[b_key])
-            ranks.append(new_state[module + RESIDUAL_A].shape[0])
-        if ranks:
-            self.round_log[server_round]["residual-rank-max"] = max(ranks)
-        return new_state

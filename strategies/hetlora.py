@@ -21,10 +21,8 @@ from typing import Any
 from torch import Tensor
 
 from fedlora.adapter import resize_state
-from fedlora.aggregation import average_states, product_norm, resize_rank, weighted_average
-from fedlora.config import RunConfig
-from fedlora.keys import lora_pairs
-from fedlora.robust import capped_weights
+from fedlora.aggregators import PaddedMean
+from fedlora.config import RunConfig, RunSettings
 from strategies.base import AdapterStrategy, NodeProfile
 
 
@@ -32,6 +30,7 @@ class HetLoRA(AdapterStrategy):
     """Zero-pad every client's factors to the global rank, average them, truncate per client."""
 
     per_node = True
+    aggregator: PaddedMean
 
     @classmethod
     def server_optimizer_refusal(cls, cfg: RunConfig) -> str:
@@ -41,9 +40,12 @@ class HetLoRA(AdapterStrategy):
             "train is shrunk by zeros that are not updates, and server moments would carry that bias on"
         )
 
-    def __init__(self, *, norm_weighting: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.norm_weighting = norm_weighting
+    def __init__(
+        self, *, norm_weighting: bool = True, max_weight_ratio: float = RunSettings.max_weight_ratio, **kwargs: Any
+    ) -> None:
+        super().__init__(
+            max_weight_ratio=max_weight_ratio, aggregator=PaddedMean(norm_weighting, max_weight_ratio), **kwargs
+        )
 
     @classmethod
     def options(cls, cfg: RunConfig) -> dict[str, Any]:
@@ -54,21 +56,7 @@ class HetLoRA(AdapterStrategy):
         """The global adapter's first ``profile.rank`` components."""
         return resize_state(self.global_state, profile.rank)
 
-    def aggregate_states(
-        self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
-    ) -> dict[str, Tensor]:
-        """Per layer: weighted mean of the zero-padded factors; other tensors: weighted mean."""
-        pairs = lora_pairs(self.global_state)
-        factor_keys = {key for pair in pairs.values() for key in pair}
-        new_state = average_states(states, weights, [k for k in self.global_state if k not in factor_keys])
-        for a_key, b_key in pairs.values():
-            padded = [resize_rank(s[b_key], s[a_key], self.global_rank) for s in states]
-            layer_weights = weights
-            if self.norm_weighting:  # a norm counts for at most max-weight-ratio × the median: no client takes a layer
-                norms = capped_weights([product_norm(b, a) for b, a in padded], self.max_weight_ratio)
-                layer_weights = [w * n for w, n in zip(weights, norms, strict=True)]
-                if sum(layer_weights) == 0:  # every update in this layer is zero: fall back to examples
-                    layer_weights = weights
-            new_state[b_key] = weighted_average([b for b, _ in padded], layer_weights)
-            new_state[a_key] = weighted_average([a for _, a in padded], layer_weights)
-        return new_state
+    @property
+    def norm_weighting(self) -> bool:
+        """Whether a client's weight in a layer is scaled by its update's norm there."""
+        return self.aggregator.norm_weighting

@@ -22,6 +22,11 @@ class LocalOnly(SplitStrategy):
         """Refused: nothing is aggregated."""
         return "every tensor stays on its client, so the server has nothing to step"
 
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """None: nothing travels, so there is nothing to sum (secure aggregation and DP have nothing to do)."""
+        return ""
+
     def scope(self, key: str) -> str:
         """``LOCAL``."""
         return self.LOCAL

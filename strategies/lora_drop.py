@@ -40,14 +40,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor
 
+from fedlora.aggregators import within_aggregator
 from fedlora.config import ConfigError, RunConfig
 from fedlora.keys import LAYER_IMPORTANCE, TRAINABLE_LAYERS
 from fedlora.layer_importance import choose_layers, drop_layers, layers_state, lora_layers, mean_importance, normalised
 from fedlora.validation import InvalidUpdate
 from fedlora.wire import from_record, to_record
 from strategies.base import AdapterStrategy, ClientReply
-from strategies.fedavg_factors import FedAvgFactors
-from strategies.fedavg_products import FedAvgProducts
 
 IMPORTANCE = "#layer-importance"  # the importance report added to a decoded reply, in lora_layers order
 KEPT_LOG, IMPORTANCE_LOG, TRAINED_LOG = "lora-drop-kept", "lora-drop-importance", "trained-layers"
@@ -65,10 +64,8 @@ class LoRADrop(AdapterStrategy):
         within: str = "fedavg-factors",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(aggregator=within_aggregator(within), **kwargs)
         self.warmup_rounds, self.threshold, self.keep_layers = warmup_rounds, threshold, keep_layers
-        self.math: AdapterStrategy = FedAvgProducts() if within == "fedavg-products" else FedAvgFactors()
-        self.math.round_log = self.round_log
         self.asking = False  # whether this round's clients were asked for their importance reports
 
     @classmethod
@@ -138,8 +135,7 @@ class LoRADrop(AdapterStrategy):
     ) -> dict[str, Tensor]:
         """The trained tensors aggregated by ``strategy.within``; in the choosing round, the drop."""
         trained = [{k: v for k, v in s.items() if k != IMPORTANCE} for s in states]
-        self.math.global_state = {k: self.global_state[k] for k in trained[0]}
-        new_state = {**self.global_state, **self.math.aggregate_states(server_round, trained, weights)}
+        new_state = super().aggregate_states(server_round, trained, weights)  # a layer none sent keeps its value
         if not self.asking:
             return new_state
         layers = lora_layers(self.global_state)

@@ -32,6 +32,14 @@ class MTLoRA(SplitStrategy):
         """``strategy.within`` and the run's tasks."""
         return {**super().options(cfg), "tasks": tuple(task_names(cfg))}
 
+    @classmethod
+    def noise_refusal(cls, cfg: RunConfig) -> str:
+        """Refused: each task's sum has its own clients, and the noise is calibrated for one sum over all."""
+        return (
+            "each task's tensors are summed over that task's clients only, and the Gaussian noise is calibrated "
+            "for one sum over every client (per-task noise is not implemented)"
+        )
+
     def scope(self, key: str) -> str:
         """The task of a task-specific tensor; ``GLOBAL`` for a shared one."""
         return task_of(key) or self.GLOBAL

@@ -10,10 +10,17 @@ shares which tensor*. A :class:`SplitStrategy` names, per tensor key, its scope:
   because a client replies with exactly the tensors it was sent.
 
 Within each scope, the averaging is that of ``strategy.within``
-(:class:`strategies.fedavg_factors.FedAvgFactors` or
-:class:`strategies.fedavg_products.FedAvgProducts`). A reply carrying another
+(:class:`fedlora.aggregators.FactorMean` or :class:`fedlora.aggregators.ProductMean`),
+given only the shared tensors: an aggregator aggregates each tensor over the
+states holding it, so one call covers every scope. A reply carrying another
 group's tensors was not sent them, so the base rejects it. Client-side
 evaluation is also reported per group (``client-eval-per-group`` in metrics.json).
+
+Under secure aggregation (or DP) the server sums each scope over its own
+clients (:meth:`SplitStrategy.sum_groups`): the global tensors over everyone,
+a group's over that group; local tensors never travel. That is exact when
+``strategy.within``'s aggregate is a mean (``fedavg-factors``, or
+``fedavg-products`` with LoRA-FA).
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ from typing import Any, ClassVar
 from flwr.app import Message, MetricRecord
 from torch import Tensor
 
+from fedlora.aggregators import within_aggregator
 from fedlora.config import RunConfig
 from strategies.base import AdapterStrategy, ClientReply, NodeProfile
-from strategies.fedavg_factors import FedAvgFactors
 from strategies.fedavg_products import FedAvgProducts
 
 
@@ -40,9 +47,7 @@ class SplitStrategy(AdapterStrategy):
     LOCAL: ClassVar[str] = "local"
 
     def __init__(self, *, within: str = "fedavg-factors", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.math: AdapterStrategy = FedAvgProducts() if within == "fedavg-products" else FedAvgFactors()
-        self.math.round_log = self.round_log  # what the inner math records lands in this run's metrics
+        super().__init__(aggregator=within_aggregator(within), **kwargs)
 
     @classmethod
     def options(cls, cfg: RunConfig) -> dict[str, Any]:
@@ -55,6 +60,21 @@ class SplitStrategy(AdapterStrategy):
         if cfg.strategy.within == "fedavg-products":
             return "strategy.within='fedavg-products': " + FedAvgProducts.server_optimizer_refusal(cfg)
         return ""
+
+    @classmethod
+    def sum_refusal(cls, cfg: RunConfig) -> str:
+        """As ``strategy.within``'s aggregator: a sum per scope computes a mean per scope."""
+        if reason := within_aggregator(cfg.strategy.within, cfg.adapter.method == "lora-fa").sum_refusal:
+            return f"strategy.within='{cfg.strategy.within}': {reason}"
+        return ""
+
+    def sum_groups(self) -> list[list[str]]:
+        """One group per shared scope (global first where it comes first), each summed over its clients."""
+        groups: dict[str, list[str]] = defaultdict(list)
+        for key in self.global_state:
+            if (scope := self.scope(key)) != self.LOCAL:
+                groups[scope].append(key)
+        return list(groups.values())
 
     def server_keys(self) -> list[str]:
         """The shared tensors (global and per group); local ones never reach the server."""
@@ -76,19 +96,9 @@ class SplitStrategy(AdapterStrategy):
     def aggregate_states(
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
     ) -> dict[str, Tensor]:
-        """Each scope's tensors averaged over the clients that hold them; a group without replies keeps its own."""
-        by_scope: dict[str, list[str]] = defaultdict(list)
-        for key in self.global_state:
-            by_scope[self.scope(key)].append(key)
-        new_state = dict(self.global_state)
-        for scope, keys in by_scope.items():
-            members = [(s, w) for s, w in zip(states, weights, strict=True) if keys[0] in s]
-            if scope == self.LOCAL or not members:
-                continue
-            self.math.global_state = {k: self.global_state[k] for k in keys}
-            subsets = [{k: s[k] for k in keys} for s, _ in members]
-            new_state.update(self.math.aggregate_states(server_round, subsets, [w for _, w in members]))
-        return new_state
+        """Each shared tensor aggregated over the clients holding it; local ones, and a group without replies, kept."""
+        shared = {k: v for k, v in self.global_state.items() if self.scope(k) != self.LOCAL}
+        return {**self.global_state, **self.record(server_round, self.aggregator.aggregate(shared, states, weights))}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The overall weighted average, and one per group in ``round_log``."""

@@ -43,7 +43,7 @@ def _code_strings(path: Path) -> list[tuple[int, str]]:
 
 def test_no_module_but_keys_spells_the_grammar_or_a_protocol_key() -> None:
     markers = [keys.LORA_A, keys.LORA_B, keys.LORA_E, keys.DORA_MAGNITUDE, keys.HEAD_COPY, keys.PEFT_PREFIX]
-    markers += [keys.RESIDUAL_A, keys.RESIDUAL_B, keys.BOTTLENECK_PREFIX]
+    markers += [keys.RESIDUAL_A, keys.RESIDUAL_B, keys.BOTTLENECK_PREFIX, keys.FROZEN]
     protocol = {keys.NUM_EXAMPLES, keys.SERVER_ROUND, keys.RANK_PATTERN, keys.RANK_KEY, keys.TRAINABLE_LAYERS}
     protocol |= {keys.LAYER_IMPORTANCE}
     folders = ("fedlora", "strategies", "client_app", "server_app", "simulations")

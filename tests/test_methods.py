@@ -72,7 +72,7 @@ def method_config(tiny_llama: Path, method: str, **extra: object) -> dict:
 
 def test_every_method_is_covered_and_configurable() -> None:
     choices = dict(iter_options())["adapter.method"].metadata["choices"]
-    assert set(METHODS) == set(EXPECTED_KINDS) == set(choices)
+    assert set(METHODS) - {"lisa"} == set(EXPECTED_KINDS) == set(choices) - {"lisa"}  # lisa: tests/test_lisa.py
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_KINDS))

@@ -12,18 +12,21 @@ import pytest
 import torch
 from conftest import reply
 from e2e import check_run, simulate
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from opacus.accountants import RDPAccountant
+from test_multitask import global_state as mtlora_state
+from test_multitask import task_keys
 from test_simulation import TINY_RUN
-from test_strategies import lora_state
+from test_strategies import R, lora_state
 
 from fedlora.config import ConfigError, DPSettings, SecAggSettings, from_run_config
-from fedlora.keys import ARRAYS, SECAGG_TRAIN
+from fedlora.keys import ARRAYS, MASKED, SECAGG_TRAIN
 from fedlora.privacy import dp, secagg
 from fedlora.privacy.secagg import ProtocolError, ServerSession
 from fedlora.wire import from_record, to_record
 from simulations.bench_privacy import ProtocolGrid
-from strategies import FedAvgFactors, build_strategy
+from strategies import AdapterStrategy, FedAvgFactors, FedSA, LocalOnly, MTLoRA, build_strategy
+from strategies.base import NodeProfile
 
 CLIP, LEVELS = 1.0, 2**22
 BOUND = 2 * CLIP / LEVELS  # the secure mean is within this of the plain one, per value
@@ -317,3 +320,139 @@ def test_dp_under_secure_aggregation_without_noise_is_the_plain_equal_weight_mea
     for key, value in lora_state(0).items():  # equal weights under DP, whatever the examples
         np.testing.assert_allclose(out[key].numpy(), value + np.mean([updates[n][key] for n in nodes], 0), atol=BOUND)
     assert metrics["dp-epsilon"] == float("inf") and metrics["dp-noise-multiplier"] == 0.0
+
+
+# --- secure sums per group (scoped strategies) -------------------------------------------------------------------
+
+
+def scoped_round(
+    strategy: AdapterStrategy, tasks: dict[int, str], state: dict[str, np.ndarray], grid: ProtocolGrid
+) -> tuple[dict[str, torch.Tensor], MetricRecord, list[Message]]:
+    """One training round of ``strategy`` over nodes of ``tasks`` (profiles known): the new adapter, its metrics."""
+    strategy.profiles = {node: NodeProfile(R, task) for node, task in tasks.items()}
+    arrays = to_record({k: torch.from_numpy(v) for k, v in state.items()})
+    messages = strategy.configure_train(1, arrays, ConfigRecord(), grid)
+    replies = grid.send_and_receive(messages)
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert new is not None and metrics is not None
+    return from_record(new), metrics, replies
+
+
+def plain_twin(
+    strategy_cls: type, profiles: dict[int, str], state: dict, grid: ProtocolGrid, nodes: list[int], **kw: object
+) -> dict[str, torch.Tensor]:
+    """The same round without secure aggregation, aggregating only the replies of ``nodes``."""
+    strategy = strategy_cls(min_train_nodes=len(profiles), min_available_nodes=len(profiles), **kw)
+    strategy.profiles = {node: NodeProfile(R, task) for node, task in profiles.items()}
+    arrays = to_record({k: torch.from_numpy(v) for k, v in state.items()})
+    replies = grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    new, _ = strategy.aggregate_train(1, [r for r in replies if r.metadata.src_node_id in nodes])
+    return from_record(new)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_secure_mtlora_round_sums_each_task_over_its_own_clients_despite_dropouts() -> None:
+    tasks = {11: "a", 12: "a", 13: "a", 14: "b", 15: "b", 16: "b"}
+    state = mtlora_state(0)
+    gen = np.random.default_rng(3)
+    updates = {n: {k: gen.uniform(-0.1, 0.1, v.shape).astype(np.float32) for k, v in state.items()} for n in tasks}
+    weights = dict(zip(tasks, [3, 1, 4, 1, 5, 9], strict=True))
+    grid = ProtocolGrid(updates, weights, SETTINGS, secagg={12}, secagg_unmask={15})  # 12 before, 15 after upload
+    strategy = MTLoRA(tasks=("a", "b"), min_train_nodes=6, min_available_nodes=6, secagg=SETTINGS)
+    out, metrics, replies = scoped_round(strategy, tasks, state, grid)
+    included = [11, 13, 14, 15, 16]
+    expected = plain_twin(MTLoRA, tasks, state, ProtocolGrid(updates, weights, SETTINGS), included, tasks=("a", "b"))
+    for key, value in out.items():
+        np.testing.assert_allclose(value.numpy(), expected[key].numpy(), atol=BOUND + 1e-6, err_msg=key)
+    a_key = task_keys("a")[0]  # task a's tensors move by task a's clients' mean alone
+    mean_a = plain_mean({n: updates[n][a_key] for n in (11, 13)}, weights, (11, 13))
+    np.testing.assert_allclose(out[a_key].numpy(), state[a_key] + mean_a, atol=BOUND + 1e-6)
+    masked = next(r for r in replies if r.metadata.src_node_id == 11).content[ARRAYS][MASKED].numpy()
+    assert masked.size == sum(v.size for v in state.values()) + 3  # every group's segment, then 3 weights
+    assert metrics["excluded-replies"] == 1 and metrics["secagg-late-dropouts"] == 1
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_secure_fedsa_round_sums_a_over_every_client_and_b_never_travels() -> None:
+    nodes = {1: "", 2: "", 3: "", 4: "", 5: ""}
+    state = lora_state(0)
+    updates, weights = small_updates(nodes), dict(zip(nodes, [2, 7, 1, 8, 2], strict=True))
+    grid = ProtocolGrid(updates, weights, SETTINGS, secagg={2}, secagg_unmask={4})
+    strategy = FedSA(min_train_nodes=5, min_available_nodes=5, secagg=SETTINGS)
+    out, metrics, replies = scoped_round(strategy, nodes, state, grid)
+    expected = plain_twin(FedSA, nodes, state, ProtocolGrid(updates, weights, SETTINGS), [1, 3, 4, 5])
+    for key, value in out.items():
+        np.testing.assert_allclose(value.numpy(), expected[key].numpy(), atol=BOUND + 1e-6, err_msg=key)
+    np.testing.assert_array_equal(out["m.q.lora_B.weight"].numpy(), state["m.q.lora_B.weight"])  # local
+    assert not np.allclose(out["m.q.lora_A.weight"].numpy(), state["m.q.lora_A.weight"])
+    masked = next(r for r in replies if r.metadata.src_node_id == 1).content[ARRAYS][MASKED].numpy()
+    assert masked.size == state["m.q.lora_A.weight"].size + state["head.weight"].size + 1  # no B, one group
+    assert metrics["excluded-replies"] == 1 and metrics["secagg-late-dropouts"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"strategy.name": "mtlora", "strategy.within": "fedavg-products"}, "strategy.within='fedavg-products': the"),
+        ({"strategy.name": "local-only", "strategy.robust": "median"}, "strategy.robust='median'"),
+    ],
+)
+def test_a_scope_that_is_not_a_mean_is_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_strategy(from_run_config({"secagg.enabled": True, **overrides}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"strategy.name": "mtlora"},
+        {"strategy.name": "mtlora", "strategy.within": "fedavg-products", "adapter.method": "lora-fa"},
+        {"strategy.name": "fedsa", "strategy.within": "fedavg-products"},
+        {"strategy.name": "local-only"},
+    ],
+)
+def test_scoped_strategies_run_under_secure_aggregation_where_exact(overrides: dict) -> None:
+    assert build_strategy(from_run_config({"secagg.enabled": True, **overrides})).secagg is not None
+
+
+def test_mtlora_refuses_dp_whose_noise_is_calibrated_for_one_sum() -> None:
+    with pytest.raises(ConfigError, match="per-task noise is not implemented"):
+        build_strategy(from_run_config({"dp.clip-norm": 1.0, "strategy.name": "mtlora"}))
+    assert build_strategy(from_run_config({"dp.clip-norm": 1.0, "strategy.name": "fedsa"})).privacy is not None
+
+
+def test_a_masked_input_carries_one_exact_sum_per_group() -> None:
+    sizes = [3, 2, 4]  # global, task a, task b
+    clients = {1: ([0, 1], 5), 2: ([0, 2], 2), 3: ([0, 1], 1)}  # each client's groups and weight
+    gen = np.random.default_rng(0)
+    values = {i: {g: gen.uniform(-0.5, 0.5, sizes[g]) for g in groups} for i, (groups, _) in clients.items()}
+    total = np.zeros(sum(sizes) + len(sizes), dtype=np.uint64)
+    for i, (groups, weight) in clients.items():
+        tensors = [values[i][g] for g in groups]
+        spread, group_weights = secagg.lay_out(
+            np.concatenate(tensors), [t.size for t in tensors], groups, sizes, weight
+        )
+        assert group_weights == [weight if g in groups else 0 for g in range(3)]
+        total += secagg.encode(spread, group_weights, CLIP, LEVELS, sizes)
+    decoded = secagg.decode_groups(total, sizes, CLIP, LEVELS)
+    for g in range(3):
+        members = [i for i, (groups, _) in clients.items() if g in groups]
+        member_weights = {i: clients[i][1] for i in members}
+        mean = plain_mean({i: values[i][g] for i in members}, member_weights, members)
+        np.testing.assert_allclose(decoded[g][0], mean, atol=BOUND)
+        assert decoded[g][1] == sum(member_weights.values())
+    with pytest.raises(ProtocolError, match="group 1: this client's tensors hold 3 values, expected 2"):
+        secagg.lay_out(np.zeros(6), [3, 3], [0, 1], sizes, 1)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_local_only_under_secure_aggregation_runs_no_protocol_as_nothing_travels() -> None:
+    nodes = {1: "", 2: "", 3: ""}
+    state = lora_state(0)
+    grid = ProtocolGrid(small_updates(nodes), dict.fromkeys(nodes, 3), SETTINGS)
+    strategy = LocalOnly(min_train_nodes=3, min_available_nodes=3, secagg=SETTINGS)
+    out, metrics, replies = scoped_round(strategy, nodes, state, grid)
+    assert {r.metadata.message_type for r in replies} == {"train"} and strategy.secure is None
+    for key, value in state.items():
+        np.testing.assert_array_equal(out[key].numpy(), value)
+    assert "secagg-bytes-up" not in metrics

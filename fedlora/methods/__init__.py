@@ -43,6 +43,7 @@ METHODS: dict[str, str] = {
     "prefix-tuning": "fedlora.methods.prompts:PrefixTuning",
     "p-tuning-v2": "fedlora.methods.prompts:PTuningV2",
     "bottleneck": "fedlora.methods.bottleneck:Bottleneck",
+    "lisa": "fedlora.methods.lisa:Lisa",
 }
 """Every ``adapter.method``: its name, and the ``module:Class`` that implements it (imported on first use)."""
 

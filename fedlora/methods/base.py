@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from peft import PeftConfig, PeftModel, TaskType, prepare_model_for_kbit_training
+from peft import PeftConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from fedlora.config import RunConfig
@@ -57,6 +57,9 @@ class AdapterMethod:
     refused_strategies: ClassVar[Mapping[str, str]] = {}
     """Built-in strategies that cannot aggregate this method, each with why (refused naming ``strategy.name``)."""
 
+    refused_settings: ClassVar[Mapping[str, str]] = {}
+    """Run-config keys that do not apply to this method at any value but their default, each with why."""
+
     def check(self, cfg: RunConfig) -> dict[str, bool]:
         """Range checks this method adds to shared keys, ``key: in range`` (default: none)."""
         return {}
@@ -64,6 +67,10 @@ class AdapterMethod:
     def peft_config(self, cfg: RunConfig, task: str) -> PeftConfig:
         """The peft config that wraps the base model."""
         raise NotImplementedError
+
+    def wrap(self, base: PreTrainedModel, cfg: RunConfig, task: str) -> PeftModel:
+        """The model that trains: ``base`` wrapped by peft with :meth:`peft_config` (LISA: ``base`` itself)."""
+        return get_peft_model(base, self.peft_config(cfg, task))
 
     def load_base(self, path: Path, task: str, num_labels: int, cfg: RunConfig) -> PreTrainedModel:
         """The frozen base model: float32, or 8-bit with ``model.load-in-8bit`` (QLoRA quantises it to 4 bits).

@@ -26,7 +26,7 @@ adapter.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -47,12 +47,14 @@ from fedlora.keys import (
     SA_COMMITMENT,
     SA_DROPPED,
     SA_ENCRYPTION_KEY,
+    SA_GROUPS,
     SA_INDEX,
     SA_MASK_KEY,
     SA_PEERS,
     SA_REASONS,
     SA_REJECTED,
     SA_SHARES,
+    SA_SIZES,
     SA_STATE,
     SA_THRESHOLD,
     SECAGG,
@@ -104,8 +106,13 @@ class SecureRound:
         self.session: ServerSession | None = None
         self.planned = 0  # clients whose masked input the noise shares were sized for
 
-    def open(self, messages: list[Message]) -> list[Message]:
-        """Stages 1 and 2 with the nodes of ``messages``; those messages, for the nodes still in, as stage 3's."""
+    def open(self, messages: list[Message], sizes: Sequence[int], groups: Mapping[int, Sequence[int]]) -> list[Message]:
+        """Stages 1 and 2 with the nodes of ``messages``; those messages, for the nodes still in, as stage 3's.
+
+        ``sizes``: the length of each group's segment of a masked input;
+        ``groups``: per node, the group of each tensor it was sent, in order
+        (:func:`fedlora.privacy.secagg.lay_out`): one secure sum per group.
+        """
         self.node_of = {i + 1: m.metadata.dst_node_id for i, m in enumerate(messages)}
         self.session = session = ServerSession(
             sorted(self.node_of), self.settings.num_shares, self.settings.dropout_fraction, self.server_round
@@ -137,21 +144,25 @@ class SecureRound:
             if index not in forwards:
                 continue
             shares = forwards[index]
+            node = message.metadata.dst_node_id
             instruction = _record({SA_INDEX: index, SA_PEERS: list(shares), SA_SHARES: list(shares.values()),
-                                   SA_CLIENTS: len(forwards)})  # fmt: skip
+                                   SA_CLIENTS: len(forwards), SA_SIZES: list(sizes),
+                                   SA_GROUPS: list(groups[node])})  # fmt: skip
             self.count("secagg-bytes-down", instruction.count_bytes())
             content = RecordDict({**dict(message.content.items()), SECAGG: instruction})
-            node = message.metadata.dst_node_id
             out.append(Message(content=content, message_type=message_type(MessageType.TRAIN, SECAGG_TRAIN),
                                dst_node_id=node))  # fmt: skip
         return out
 
-    def close(self, replies: Mapping[int, RecordDict], size: int) -> tuple[np.ndarray, list[int], float]:
-        """The mean update of the clients in the sum, those clients (node ids), and the noise's share of them.
+    def close(
+        self, replies: Mapping[int, RecordDict], sizes: Sequence[int]
+    ) -> tuple[list[np.ndarray | None], list[int], float]:
+        """Per group, the mean update of its clients in the sum (None: none); those clients; the noise's share.
 
         ``replies``: node id -> training reply content, already checked for its
-        metrics; ``size``: the update's length. Raises :class:`ProtocolError`
-        when the sum cannot be recovered (too many dropouts, bad shares).
+        metrics; ``sizes``: the groups' segment lengths, as given to :meth:`open`.
+        Raises :class:`ProtocolError` when the sum cannot be recovered (too many
+        dropouts, bad shares).
         """
         assert self.session is not None
         masked: dict[int, np.ndarray] = {}
@@ -159,7 +170,7 @@ class SecureRound:
         for node, content in replies.items():
             index = self._index(node)
             try:
-                masked[index] = _masked_of(content, size)
+                masked[index] = _masked_of(content, sum(sizes) + len(sizes))
                 report = content.config_records.get(SECAGG, ConfigRecord())
                 rejected[index] = dict(zip(report.get(SA_REJECTED, []), report.get(SA_REASONS, []), strict=True))
             except (ProtocolError, ValueError, TypeError) as err:
@@ -176,10 +187,10 @@ class SecureRound:
 
         self._exchange(SECAGG_UNMASK, {i: {SA_ALIVE: alive, SA_DROPPED: dropped} for i in alive}, reveal)
         total = self.session.unmask(masked, shares)
-        mean, weight_sum = secagg.decode(total, self.settings.clip_range, self.settings.quantization_range)
-        log(INFO, "round %d: secure aggregation of %d client(s) (%d dropped or excluded), total weight %d",
-            self.server_round, len(alive), len(dropped), weight_sum)  # fmt: skip
-        return mean, [self.node_of[i] for i in alive], len(alive) / max(self.planned, 1)
+        decoded = secagg.decode_groups(total, sizes, self.settings.clip_range, self.settings.quantization_range)
+        log(INFO, "round %d: secure aggregation of %d client(s) (%d dropped or excluded), weight per group %s",
+            self.server_round, len(alive), len(dropped), [w for _, w in decoded])  # fmt: skip
+        return [mean for mean, _ in decoded], [self.node_of[i] for i in alive], len(alive) / max(self.planned, 1)
 
     def _index(self, node: int) -> int:
         return next(i for i, n in self.node_of.items() if n == node)
@@ -238,14 +249,14 @@ def _shares_of(answer: ConfigRecord) -> tuple[dict[int, bytes], object]:
     return _pairs(answer, SA_PEERS, SA_SHARES), answer.get(SA_COMMITMENT)
 
 
-def _masked_of(content: RecordDict, size: int) -> np.ndarray:
-    """The masked input of a training reply: one ``uint64`` array of ``size + 1`` values."""
+def _masked_of(content: RecordDict, length: int) -> np.ndarray:
+    """The masked input of a training reply: one ``uint64`` array of ``length`` values."""
     record = content[ARRAYS]
     if list(record) != [MASKED]:
         raise ProtocolError(f"expected one array '{MASKED}', got {list(record)}")
     vector = record[MASKED].numpy()
-    if vector.dtype != np.uint64 or vector.shape != (size + 1,):
-        raise ProtocolError(f"masked input is {vector.dtype} {vector.shape}, expected uint64 ({size + 1},)")
+    if vector.dtype != np.uint64 or vector.shape != (length,):
+        raise ProtocolError(f"masked input is {vector.dtype} {vector.shape}, expected uint64 ({length},)")
     return vector
 
 
@@ -307,6 +318,10 @@ def masked_reply(
 ) -> RecordDict:
     """Stage 3: the training ``reply`` with its adapter replaced by the masked (clipped, noised) weighted update.
 
+    The update is spread over the groups' segments the instruction describes
+    (:func:`fedlora.privacy.secagg.lay_out`): this client's tensors in its own
+    groups, zeros with weight 0 in the others.
+
     Under DP the weight is 1 and each of the ``n`` clients adds noise of
     standard deviation ``σ·C/√n``: the sum carries ``N(0, (σ·C)²)``, as if the
     server had added it, but no one ever sees a less noisy value.
@@ -317,6 +332,7 @@ def masked_reply(
         log(WARNING, "secure aggregation: client %d's share rejected: %s", sender, reason)
     update = dp.flatten_update(trained, sent)
     weight = int(reply[METRICS][NUM_EXAMPLES])
+    sizes = [int(size) for size in instruction[SA_SIZES]]
     if privacy.clip_norm:
         clients = int(instruction[SA_CLIENTS])
         update = dp.clip(update, privacy.clip_norm) + dp.gaussian(
@@ -326,7 +342,9 @@ def masked_reply(
     if (clipped := int(np.sum(np.abs(update) > settings.clip_range))) > 0:
         log(WARNING, "secure aggregation: %d update value(s) beyond secagg.clip-range=%g are clipped",
             clipped, settings.clip_range)  # fmt: skip
-    vector = secagg.client_mask(secrets, update, weight, settings.clip_range, settings.quantization_range)
+    lengths = [t.numel() for t in sent.values()]
+    spread, weights = secagg.lay_out(update, lengths, [int(g) for g in instruction[SA_GROUPS]], sizes, weight)
+    vector = secagg.client_mask(secrets, spread, weights, settings.clip_range, settings.quantization_range, sizes)
     _keep(state, secrets)
     out = RecordDict({ARRAYS: ArrayRecord({MASKED: Array(vector)}), METRICS: reply[METRICS]})
     out[SECAGG] = _record({SA_REJECTED: list(rejected), SA_REASONS: list(rejected.values())})

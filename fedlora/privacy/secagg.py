@@ -38,6 +38,13 @@ Quantisation: an update value ``x``, clipped to ``[-c, c]``, becomes
 value, so the mean is too: **the secure mean differs from the plain weighted mean
 by less than ``2c/T`` per element** for updates within ``[-c, c]``. The ring holds
 the sum while ``T·Σ w_i < 2^64`` (:func:`check_ring`).
+
+Groups: when tensors are shared by different sets of clients (MTLoRA's tasks),
+one masked input carries one secure sum per group: the vector is every group's
+segment followed by one weight per group, and a client puts zeros and weight 0
+in the groups it is not in (:func:`lay_out`, :func:`encode`), so each group's
+sum covers exactly its own clients and costs no extra protocol stage (the upload
+is as long as all groups' tensors together).
 """
 
 from __future__ import annotations
@@ -136,21 +143,90 @@ def check_ring(quantization_range: int, weight_sum: int) -> None:
         )
 
 
-def encode(update: np.ndarray, weight: int, clip_range: float, quantization_range: int) -> np.ndarray:
-    """``weight`` × the quantised update, then ``weight``: what a client masks (``uint64``, length ``size + 1``)."""
+def encode(
+    update: np.ndarray,
+    weight: int | Sequence[int],
+    clip_range: float,
+    quantization_range: int,
+    sizes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """What a client masks (``uint64``): per group, its weight × its segment's quantised values; then the weights.
+
+    ``sizes`` cuts ``update`` into the groups' segments (default: one group,
+    the whole update) and ``weight`` gives one weight per group. A client gives
+    a group it is not in the weight 0, so that segment adds exactly 0 to the
+    group's sum whatever it holds: one masked input carries one secure sum per
+    group (:func:`decode_groups`).
+    """
+    weights = [weight] if isinstance(weight, int) else list(weight)
+    sizes = [update.size] if sizes is None else list(sizes)
+    if len(weights) != len(sizes) or sum(sizes) != update.size:
+        raise ValueError(f"{len(weights)} weight(s) and segments {sizes} for an update of {update.size} values")
     quantized = quantize([np.asarray(update, dtype=np.float64)], clip_range, quantization_range)[0]
-    weighted = quantized.astype(np.uint64) * np.uint64(weight)
-    return np.concatenate([weighted.ravel(), np.array([weight], dtype=np.uint64)])
+    weighted = quantized.astype(np.uint64).ravel() * np.repeat(np.array(weights, dtype=np.uint64), sizes)
+    return np.concatenate([weighted, np.array(weights, dtype=np.uint64)])
+
+
+def decode_groups(
+    total: np.ndarray, sizes: Sequence[int], clip_range: float, quantization_range: int
+) -> list[tuple[np.ndarray | None, int]]:
+    """Per group of ``sizes``: its weighted mean update and weight sum, from the unmasked sum of :func:`encode`'s.
+
+    A group no client in the sum belongs to has weight sum 0 and no mean (None).
+    """
+    if total.size != sum(sizes) + len(sizes):
+        raise ProtocolError(f"a sum of {total.size} values for segments {list(sizes)} and their weights")
+    weight_sums = [int(w) for w in total[total.size - len(sizes) :]]
+    if not any(weight_sums):
+        raise ProtocolError("the unmasked weight sum is 0")
+    scale = 2 * clip_range / quantization_range
+    out: list[tuple[np.ndarray | None, int]] = []
+    offset = 0
+    for size, weight_sum in zip(sizes, weight_sums, strict=True):
+        segment, offset = total[offset : offset + size], offset + size
+        if weight_sum:
+            check_ring(quantization_range, weight_sum)
+            out.append((segment.astype(np.float64) * (scale / weight_sum) - clip_range, weight_sum))
+        else:
+            out.append((None, 0))
+    return out
 
 
 def decode(total: np.ndarray, clip_range: float, quantization_range: int) -> tuple[np.ndarray, int]:
-    """The weighted mean update and the weight sum, from the unmasked sum of :func:`encode`'s vectors."""
-    weight_sum = int(total[-1])
-    if weight_sum <= 0:
-        raise ProtocolError("the unmasked weight sum is 0")
-    check_ring(quantization_range, weight_sum)
-    scale = 2 * clip_range / quantization_range
-    return total[:-1].astype(np.float64) * (scale / weight_sum) - clip_range, weight_sum
+    """The weighted mean update and the weight sum, from the unmasked sum of one group's :func:`encode` vectors."""
+    mean, weight_sum = decode_groups(total, [total.size - 1], clip_range, quantization_range)[0]
+    assert mean is not None  # decode_groups refuses a zero weight sum
+    return mean, weight_sum
+
+
+def lay_out(
+    update: np.ndarray, lengths: Sequence[int], groups: Sequence[int], sizes: Sequence[int], weight: int
+) -> tuple[np.ndarray, list[int]]:
+    """A client's flat update spread over the groups' segments, and its weight per group.
+
+    The client's tensors (``lengths`` values each, in ``update``'s order) go, in
+    order, to the segment of their group (``groups``, an index into ``sizes``);
+    a group the client is not in gets zeros and weight 0. Each segment the
+    client fills must come out at its size, else the server's layout and the
+    client's tensors disagree (:class:`ProtocolError`).
+    """
+    if len(lengths) != len(groups) or sum(lengths) != update.size:
+        raise ProtocolError(f"a layout of {len(groups)} group(s) for {len(lengths)} tensor(s) of {update.size} values")
+    parts: list[list[np.ndarray]] = [[] for _ in sizes]
+    offset = 0
+    for length, group in zip(lengths, groups, strict=True):
+        if not 0 <= group < len(sizes):
+            raise ProtocolError(f"group {group} is not one of the {len(sizes)} group(s)")
+        parts[group].append(update[offset : offset + length])
+        offset += length
+    segments, weights = [], []
+    for group, (size, part) in enumerate(zip(sizes, parts, strict=True)):
+        segment = np.concatenate(part) if part else np.zeros(size)
+        if segment.size != size:
+            raise ProtocolError(f"group {group}: this client's tensors hold {segment.size} values, expected {size}")
+        segments.append(segment)
+        weights.append(weight if part else 0)
+    return np.concatenate(segments) if segments else np.zeros(0), weights
 
 
 def _sign(own: int, other: int) -> np.uint64:
@@ -263,10 +339,15 @@ def client_receive(secrets: ClientSecrets, ciphertexts: Mapping[int, bytes]) -> 
 
 
 def client_mask(
-    secrets: ClientSecrets, update: np.ndarray, weight: int, clip_range: float, quantization_range: int
+    secrets: ClientSecrets,
+    update: np.ndarray,
+    weight: int | Sequence[int],
+    clip_range: float,
+    quantization_range: int,
+    sizes: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Stage 3, second half: the masked input, ``encode(update) + PRG(b) ± PRG(s_ij)`` modulo 2^64."""
-    vector = encode(update, weight, clip_range, quantization_range)
+    vector = encode(update, weight, clip_range, quantization_range, sizes)
     vector += prg(secrets.seed, vector.size)
     for peer in secrets.masked_with:
         vector += pairwise_mask(secrets.mask_key, secrets.peers[peer][1], secrets.index, peer, vector.size)
