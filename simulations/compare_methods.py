@@ -214,9 +214,16 @@ def section(name: str, profile: Profile, result: dict) -> str:
         gap = abs(best["after-mean"] - second["after-mean"])
         noise = max(best["after-std"], second["after-std"])
         verdict = "more" if gap > noise else "less"
+        close = [  # the gap to the runner-up within the larger of the two stds
+            r["method"]
+            for r in rows[2:]
+            if abs(r["after-mean"] - second["after-mean"]) <= max(r["after-std"], second["after-std"])
+        ]
         lines += [
             "",
-            f"Best: `{best['method']}`, {gap:.3f} ahead of `{second['method']}`: {verdict} than one std ({noise:.3f}).",
+            f"Best: `{best['method']}`, {gap:.3f} ahead of `{second['method']}`: {verdict} than one std ({noise:.3f}). "
+            f"Within one std of `{second['method']}`: {', '.join(f'`{m}`' for m in close) or 'none'}; "
+            "a ranking among those is noise.",
         ]
     if profile.left_out:
         lines += [
