@@ -134,8 +134,9 @@ def run_method(profile: Profile, method: str, seed: int) -> dict[str, object]:
     rounds = run_in_process(overrides, profile.clients)
     wall = time.perf_counter() - started
     cfg = from_run_config(overrides)
-    state = adapter_state(runtime.workbench(cfg).model)
-    if is_selectable(runtime.workbench(cfg).model):  # LISA: what round 1 trains, not all it may train
+    model = runtime.workbench(cfg).model
+    state = adapter_state(model)
+    if is_selectable(model):  # LISA: what round 1 trains, not all it may train
         strategy = build_strategy(cfg)
         strategy.global_state, strategy.current_round = state, 1
         state = split_residual(strategy.message_state())[0]
