@@ -275,6 +275,12 @@ class DataSettings:
     dirichlet_alpha: float = opt(
         1.0, "Dirichlet concentration; smaller is more non-IID.", check=lambda v, _: 0 < v < math.inf
     )
+    categories: str = opt(
+        "",
+        "Keep only the examples of these classes (comma-separated label names, e.g. fortune files "
+        "`computers,science,politics`), relabelled in sorted order: a smaller task from a bigger data set. "
+        "Empty keeps every class.",
+    )
     max_examples: int = opt(
         0, "Use only this many examples of the source (seeded sample); 0 means all.", check=lambda v, _: v >= 0
     )

@@ -220,8 +220,29 @@ def load_source(settings: DataSettings, task: str) -> Dataset:
     partitioners and the classification head expect.
     """
     if settings.source in SOURCES:
-        return SOURCES[settings.source]()
-    data = map_columns(_load_own(settings), settings, task, f"data.source '{settings.source}'")
-    if "label" in data.column_names and not isinstance(data.features["label"], ClassLabel):
-        data = data.class_encode_column("label")
-    return data
+        data = SOURCES[settings.source]()
+    else:
+        data = map_columns(_load_own(settings), settings, task, f"data.source '{settings.source}'")
+        if "label" in data.column_names and not isinstance(data.features["label"], ClassLabel):
+            data = data.class_encode_column("label")
+    return keep_categories(data, settings.categories) if settings.categories else data
+
+
+def keep_categories(data: Dataset, categories: str) -> Dataset:
+    """Only the examples whose label is one of the comma-separated names ``categories``, relabelled 0..n-1.
+
+    The new ``ClassLabel`` holds just those names (sorted), so a classifier
+    head gets one output per kept class and the partitioners see only them.
+    """
+    wanted = sorted({name.strip() for name in categories.split(",") if name.strip()})
+    if "label" not in data.column_names:
+        raise ConfigError("data.categories needs a labelled data set (a `data.label-column`)")
+    names = data.features["label"].names
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise ConfigError(f"data.categories: {', '.join(unknown)} not among the labels: {', '.join(names)}")
+    kept = {names.index(name): new for new, name in enumerate(wanted)}
+    data = data.filter(lambda label: label in kept, input_columns="label")
+    features = data.features.copy()
+    features["label"] = ClassLabel(names=wanted)
+    return data.map(lambda row: {"label": kept[row["label"]]}, features=features)
