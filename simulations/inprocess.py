@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -160,6 +161,13 @@ def run_in_process(
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK_NODE_ID, 0
     main(grid, Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), run_config))
     return json.loads((Path(str(run_config["output-dir"])) / "metrics.json").read_text())["rounds"]
+
+
+def timed_run(job: tuple[Mapping[str, Any], int]) -> tuple[list[dict], float]:
+    """``run_in_process(overrides, nodes)`` for ``job``, and its wall seconds (a :mod:`simulations.pool` job)."""
+    started = time.monotonic()
+    rounds = run_in_process(*job)
+    return rounds, time.monotonic() - started
 
 
 def main() -> None:

