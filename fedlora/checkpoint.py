@@ -35,8 +35,8 @@ from flwr.common.logger import log
 from safetensors.numpy import load_file, save_file
 from torch import Tensor
 
-from fedlora.adapter import split_residual
 from fedlora.config import RunConfig, default_run_config, method_sections
+from fedlora.keys import trained_part
 from fedlora.report import write_folder
 from fedlora.validation import InvalidUpdate, check_state
 from fedlora.wire import WIRE_DTYPES, from_record, to_record, unpack
@@ -178,7 +178,7 @@ def check_resumable(checkpoint: Checkpoint, cfg: RunConfig, initial: Mapping[str
     if changed:
         raise CheckpointError(f"{where} was written by a run with other settings: {'; '.join(changed)}")
     try:
-        check_state(split_residual(from_record(checkpoint.arrays))[0], split_residual(initial)[0])
+        check_state(trained_part(from_record(checkpoint.arrays)), trained_part(initial))
     except (InvalidUpdate, ValueError) as err:
         raise CheckpointError(f"{where}: its adapter does not fit this run's model: {err}") from err
 
