@@ -51,9 +51,8 @@ from fedlora.adapter import (
     adapter_state,
     fit_state,
     load_adapter_state,
+    load_base_tensors,
     resize_like,
-    set_residual,
-    split_residual,
     trainable_names,
 )
 from fedlora.cohort import protocol, sequential_reason
@@ -76,6 +75,8 @@ from fedlora.keys import (
     SERVER_ROUND,
     TASK_KEY,
     TRAINABLE_LAYERS,
+    base_part,
+    trained_part,
 )
 from fedlora.privacy import rounds
 from fedlora.selection import select
@@ -120,7 +121,7 @@ class Received:
     train_set: Dataset
     val_set: Dataset
     sent: dict[str, Tensor]  # the trainable tensors the server sent: the reply has exactly these keys and shapes
-    start: dict[str, Tensor]  # sent, plus this client's local tensors and any residual: what it trains from
+    start: dict[str, Tensor]  # sent, plus this client's local tensors and any base tensors: what it trains from
     server_round: int
     task: str
     measure_importance: bool = False  # the server asked for each layer's importance after training
@@ -195,7 +196,7 @@ def receive(
         )
     state = from_record(arrays)
     select(bench.model, state)  # LISA: the trainable set is the message's, before the local tensors are told apart
-    trainable, _ = split_residual(state)
+    trainable = trained_part(state)
     local = [k for k in trainable_names(bench.model) if k not in trainable]  # no copy on every message
     if local:  # tensors the strategy keeps on the client: the last ones this client trained, else the initial ones
         stored = runtime.load_local_tensors(cfg, node_config, server_round, message_type)
@@ -254,8 +255,8 @@ def _train_alone(got: Received, started: float) -> RecordDict:
     return content
 
 
-def _same_residual(a: Mapping[str, tuple[Tensor, Tensor]], b: Mapping[str, tuple[Tensor, Tensor]]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(x, y) for m in a for x, y in zip(a[m], b[m], strict=True))
+def _same_tensors(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def train_together(members: dict[int, Received], started: float) -> dict[int, RecordDict | str]:
@@ -263,15 +264,15 @@ def train_together(members: dict[int, Received], started: float) -> dict[int, Re
     first = next(iter(members.values()))
     cfg, bench = first.cfg, first.bench
     fitted = {client: fit_state(bench.model, got.start) for client, got in members.items()}
-    residual = next(iter(fitted.values()))[1]  # FLoRA's: global, so one for the whole cohort
-    if any(not _same_residual(other, residual) for _, other in fitted.values()):
-        raise ValueError("the clients of one cohort were sent different residuals")
-    set_residual(bench.model, residual)
+    base = base_part(first.start)  # the strategy's (FLoRA's residual): global, so one for the whole cohort
+    if any(not _same_tensors(base_part(got.start), base) for got in members.values()):
+        raise ValueError("the clients of one cohort were sent different base tensors")
+    load_base_tensors(bench.model, first.start)
     torch.manual_seed(first.seed)  # the cohort's dropout stream
     setup_s = time.monotonic() - started
     trained, losses = train_cohort(
         bench.model,
-        [CohortMember(fitted[client][0], got.loader(train=True)) for client, got in members.items()],
+        [CohortMember(fitted[client], got.loader(train=True)) for client, got in members.items()],
         bench.method.optimizer(bench.model, cfg, first.lr),
         cfg.train.local_steps,
         cfg.train.max_grad_norm,

@@ -8,32 +8,54 @@ the tensors that train are the tensors that travel, for every method
 part of it. The final adapter is written with peft's ``save_pretrained``, so
 peft's own file format is what users load.
 
-A global adapter may also carry a *residual* per LoRA layer
-(``<module>.residual_B``/``<module>.residual_A``, d×R and R×k): an update the
-server has already aggregated for good, which a party adds to its frozen base
-weight instead of training it (FLoRA, :mod:`strategies.flora`). Residuals are
-never trainable and never sent back.
+A message may also carry *base tensors* (:func:`fedlora.keys.is_base_tensor`):
+what a strategy has the parties write into their frozen base instead of
+training, never sent back. Each kind gets into the base, and into the saved
+adapter, through its :class:`BaseHook` in :data:`BASE_HOOKS`; this module knows
+nothing of what they hold.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from peft import PeftModel, get_peft_model_state_dict
-from safetensors.torch import save_file
+from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from fedlora.aggregation import resize_rank
 from fedlora.config import RunConfig
-from fedlora.keys import LORA_A, LORA_B, lora_pairs, module_of
+from fedlora.keys import lora_pairs, trained_part
 from fedlora.methods import get_method
-from fedlora.residual import merged_residual, set_residual, split_residual
+from fedlora.residual import RESIDUAL
 from fedlora.selection import select
 from fedlora.validation import check_state
+
+
+class BaseHook(Protocol):
+    """How one kind of base tensor gets into a party's frozen base, and into the adapter saved from it."""
+
+    def load(self, model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+        """Write ``state``'s base tensors of this kind into ``model``'s base; without any, undo what it wrote before.
+
+        Raises :class:`fedlora.validation.InvalidUpdate` for base tensors that do not fit the model.
+        """
+        ...
+
+    def save(self, model: PeftModel, folder: Path) -> bool:
+        """Write ``model``'s adapter folder if its base holds tensors of this kind (True); else nothing (False)."""
+        ...
+
+
+BASE_HOOKS: tuple[BaseHook, ...] = (RESIDUAL,)
+"""Every kind of base tensor a message may carry: the residual of FLoRA and Delta-LoRA (:mod:`fedlora.residual`).
+
+LISA's ``@frozen`` layers are not here: they also choose what trains, so
+:func:`fedlora.selection.select` applies them before anything else is read.
+"""
 
 
 def build_adapter_model(base: PreTrainedModel, cfg: RunConfig, task: str) -> PeftModel:
@@ -52,7 +74,7 @@ def drop_base_weights(model: PeftModel) -> None:
     """Replace every parameter of the frozen base by an empty one on the meta device (no memory).
 
     What is left is the adapter on the base's structure: enough to load a global
-    adapter into (:func:`load_adapter_state`, a residual included) and to write
+    adapter into (:func:`load_adapter_state`, base tensors included) and to write
     it with peft's ``save_pretrained``, neither of which reads a base weight;
     the model can no longer run. A parameter is the adapter's when it trains or
     peft named it after one of the model's adapters (``….lora_A.default.weight``,
@@ -104,79 +126,54 @@ def resize_like(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
     return out
 
 
-def fit_state(
-    model: torch.nn.Module, state: Mapping[str, Tensor]
-) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
-    """``state`` as (trainable tensors at ``model``'s shapes, residual), checked against the model.
+def fit_state(model: torch.nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state``'s trainable tensors (not its base tensors) at ``model``'s shapes, checked against the model.
 
     LoRA factors of a lower rank are zero-padded (:func:`resize_state`);
     anything else that does not match the model's trainable tensors exactly is
     an :class:`InvalidUpdate`.
     """
-    trainable, residual = split_residual(state)
+    trainable = trained_part(state)
     params = _trainable(model)
     pairs = [a for a, _ in lora_pairs(trainable).values() if a in params]
     if all(trainable[a].shape[0] <= params[a].shape[0] for a in pairs):  # a lower-rank client's, zero-padded
         trainable = resize_like(trainable, params)
     check_state(trainable, params)
-    return trainable, residual
+    return trainable
+
+
+def load_base_tensors(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Write ``state``'s base tensors into ``model``'s base, each kind by its hook (:data:`BASE_HOOKS`)."""
+    for hook in BASE_HOOKS:
+        hook.load(model, state)
 
 
 def load_adapter_state(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
     """Overwrite every trainable tensor of ``model`` with ``state`` (checked first: nothing stale survives).
 
-    LoRA factors of a lower rank are zero-padded (:func:`fit_state`); residual
-    tensors are merged into the base weights (:func:`set_residual`), and
-    without any, a residual merged earlier is removed. A model whose trainable
-    set each message chooses (LISA) is first set to ``state``'s (:func:`fedlora.selection.select`).
+    LoRA factors of a lower rank are zero-padded (:func:`fit_state`); base
+    tensors are written into the base (:func:`load_base_tensors`), and without
+    any, those written earlier are removed. A model whose trainable set each
+    message chooses (LISA) is first set to ``state``'s (:func:`fedlora.selection.select`).
     """
     select(model, state)
-    trainable, residual = fit_state(model, state)
+    trainable = fit_state(model, state)
     params = _trainable(model)
-    set_residual(model, residual)
+    load_base_tensors(model, state)
     with torch.no_grad():
         for name, tensor in trainable.items():
             params[name].copy_(tensor)
 
 
 def save_adapter_files(model: PeftModel, folder: Path, adapters: list[str] | None = None) -> None:
-    """``model.save_pretrained(folder)``, or with a merged residual one LoRA adapter holding residual + adapter.
+    """``model.save_pretrained(folder)``, unless a :class:`BaseHook` writes it (its base holds base tensors).
 
-    ``adapters`` selects peft adapters to save (default: all). The residual
-    ``B_res·A_res`` and the adapter ``s·B·A`` of each layer are stacked into
-    factors of rank R (the largest over layers, zero-padded) saved with
-    ``lora_alpha = r = R``, so peft's scaling is 1 and
-    ``PeftModel.from_pretrained`` computes exactly the model trained here.
+    ``adapters`` selects peft adapters to save (default: all). A hook writes
+    one plain adapter that ``PeftModel.from_pretrained`` loads onto the
+    original base to give exactly this model (:func:`fedlora.residual.save_stacked`).
     """
     if not isinstance(model, PeftModel):  # a full-parameter method's model (LISA): a transformers model folder
         model.save_pretrained(folder)
         return
-    residual = merged_residual(model)
-    if not residual:
+    if not any(hook.save(model, folder) for hook in BASE_HOOKS):
         model.save_pretrained(folder, selected_adapters=adapters)
-        return
-    modules = dict(model.named_modules())
-    adapter = model.active_adapter
-    saved = get_peft_model_state_dict(model)
-    stacked = {}
-    for a_key, _ in lora_pairs(_trainable(model)).values():
-        module = module_of(a_key)
-        scaling = modules[module].scaling[adapter]
-        b, a = (
-            modules[module].lora_B[adapter].weight.detach().cpu(),
-            modules[module].lora_A[adapter].weight.detach().cpu(),
-        )
-        if module in residual:
-            b, a = torch.cat([residual[module][0], scaling * b], 1), torch.cat([residual[module][1], a], 0)
-        else:
-            b = scaling * b
-        stacked[module] = (b, a)
-    rank = max(a.shape[0] for _, a in stacked.values())
-    for module, (b, a) in stacked.items():
-        b, a = resize_rank(b, a, rank)
-        saved[f"{module}{LORA_B}weight"], saved[f"{module}{LORA_A}weight"] = b.contiguous(), a.contiguous()
-    model.save_pretrained(folder)  # the config, README and any modules_to_save, then the factors replaced
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in saved.items()}, folder / "adapter_model.safetensors", {"format": "pt"})

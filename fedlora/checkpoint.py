@@ -35,15 +35,15 @@ from flwr.common.logger import log
 from safetensors.numpy import load_file, save_file
 from torch import Tensor
 
-from fedlora.adapter import split_residual
-from fedlora.config import RunConfig, default_run_config, method_sections
+from fedlora.config import RunConfig, default_run_config, method_values
+from fedlora.keys import trained_part
 from fedlora.report import write_folder
 from fedlora.validation import InvalidUpdate, check_state
 from fedlora.wire import WIRE_DTYPES, from_record, to_record, unpack
 
 FINGERPRINT_SECTIONS = ("model", "data", "adapter", "strategy", "train", "wire")
 """The framework's run-config sections that decide the adapter's numbers; with ``seed`` and every method's own
-section (:func:`fedlora.config.method_sections`) they must not change on resume.
+section (:func:`fedlora.config.method_values`) they must not change on resume.
 
 Left out, so a resumed run may change them: the number of rounds (to extend a
 run), sampling fractions, output and store folders, ``resume`` itself, the reply
@@ -73,9 +73,10 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the one that wrote the checkpoint, as ``key: value``."""
     settings = {
         f"{section}.{name.replace('_', '-')}": value
-        for section in (*FINGERPRINT_SECTIONS, *method_sections())
+        for section in FINGERPRINT_SECTIONS
         for name, value in dataclasses.asdict(getattr(cfg, section)).items()
     }
+    settings.update(method_values(cfg))
     del settings["model.cache-dir"]  # where a converted model is cached, not which model
     return {"seed": cfg.run.seed, **settings}
 
@@ -178,7 +179,7 @@ def check_resumable(checkpoint: Checkpoint, cfg: RunConfig, initial: Mapping[str
     if changed:
         raise CheckpointError(f"{where} was written by a run with other settings: {'; '.join(changed)}")
     try:
-        check_state(split_residual(from_record(checkpoint.arrays))[0], split_residual(initial)[0])
+        check_state(trained_part(from_record(checkpoint.arrays)), trained_part(initial))
     except (InvalidUpdate, ValueError) as err:
         raise CheckpointError(f"{where}: its adapter does not fit this run's model: {err}") from err
 

@@ -8,8 +8,11 @@ The framework's own sections are declared here; each adapter method declares
 its own section next to its code (``AdapterMethod.settings``, e.g.
 ``qlora.double-quant`` in :mod:`fedlora.methods.qlora`) and names the shared
 method-scoped options it reads (``AdapterMethod.uses``), and this module
-gathers them through the method registry. ``pyproject.toml`` mirrors the
-defaults (Flower only accepts ``--run-config`` overrides for keys it declares)
+gathers them through the method registry. Parsing a run config imports only
+the chosen method's module (the others' keys are checked against the
+registry's plain copy of their defaults, :data:`fedlora.methods.SETTINGS`).
+``pyproject.toml`` mirrors the defaults (Flower only accepts ``--run-config``
+overrides for keys it declares)
 and a test keeps both in step; ``docs/configuration.md`` is generated from the
 ``help`` texts (``python -m fedlora.config``), and the table ``pyproject.toml``
 declares by ``python -m fedlora.config --pyproject``.
@@ -24,9 +27,12 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedlora.methods import METHODS, all_methods, get_method
+from fedlora.methods import METHODS, NEEDS_STRATEGY, SETTINGS, all_methods, get_method
+
+if TYPE_CHECKING:
+    from fedlora.methods.base import AdapterMethod
 
 
 class ConfigError(ValueError):
@@ -554,8 +560,10 @@ METHOD_SETTINGS = "method_settings"
 class RunConfig:
     """All settings of a fedlora run; build it with :func:`from_run_config`.
 
-    Each method's own section (``AdapterMethod.settings``) is held in
+    The chosen method's own section (``AdapterMethod.settings``) is held in
     ``method_settings`` and read like the framework's: ``cfg.qlora.double_quant``.
+    Another method's section reads as its defaults (parsing refuses anything
+    else for it), at the cost of importing every method.
     """
 
     run: RunSettings = field(default_factory=RunSettings)
@@ -563,9 +571,7 @@ class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    method_settings: tuple[Any, ...] = field(
-        default_factory=lambda: tuple(section() for section in method_sections().values())
-    )
+    method_settings: tuple[Any, ...] = ()
     train: TrainSettings = field(default_factory=TrainSettings)
     cohort: CohortSettings = field(default_factory=CohortSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -574,10 +580,12 @@ class RunConfig:
     dp: DPSettings = field(default_factory=DPSettings)
 
     def __getattr__(self, section: str) -> Any:
-        """A method's section by name (only called for names that are not fields)."""
+        """A method's section by name (only called for names that are not fields); another method's at its defaults."""
         for settings in self.__dict__.get(METHOD_SETTINGS, ()):
             if settings.section == section:
                 return settings
+        if not section.startswith("_") and section in method_sections():  # not copy's or pickle's probes
+            return method_sections()[section]()
         raise AttributeError(f"run config has no section '{section}'")
 
 
@@ -600,11 +608,15 @@ def method_sections() -> dict[str, type]:
     return sections
 
 
-def _sections() -> dict[str, type]:
-    """Every section by name, in the order of the reference: the methods' sections where ``method_settings`` is."""
+def _sections(method: AdapterMethod | None = None) -> dict[str, type]:
+    """Sections by name, in the order of the reference, the methods' where ``method_settings`` is.
+
+    Every method's (importing them all), or with ``method`` only its own.
+    """
+    own = method_sections() if method is None else {method.settings.section: method.settings} if method.settings else {}
     sections: dict[str, type] = {}
     for f in dataclasses.fields(RunConfig):
-        sections.update(method_sections() if f.name == METHOD_SETTINGS else {f.name: f.default_factory})
+        sections.update(own if f.name == METHOD_SETTINGS else {f.name: f.default_factory})
     return sections
 
 
@@ -613,9 +625,10 @@ def _key(section: str, name: str) -> str:
     return name if section == "run" else f"{section}.{name}"
 
 
-def iter_options() -> list[tuple[str, dataclasses.Field]]:
-    """Every run-config key with its dataclass field, in declaration order."""
-    return [(_key(name, opt.name), opt) for name, section in _sections().items() for opt in dataclasses.fields(section)]
+def iter_options(method: AdapterMethod | None = None) -> list[tuple[str, dataclasses.Field]]:
+    """Every run-config key with its dataclass field, in declaration order (with ``method``: its own section only)."""
+    sections = _sections(method).items()
+    return [(_key(name, opt.name), opt) for name, section in sections for opt in dataclasses.fields(section)]
 
 
 @cache
@@ -636,8 +649,20 @@ def applies_to() -> dict[str, tuple[str, ...]]:
 
 
 def default_run_config() -> dict[str, Any]:
-    """The defaults as the flat dict Flower would pass (what pyproject.toml declares)."""
-    return {key: opt.default for key, opt in iter_options()}
+    """The defaults as the flat dict Flower would pass (what pyproject.toml declares); imports no method."""
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == METHOD_SETTINGS:
+            defaults.update(SETTINGS)
+        else:
+            defaults.update({_key(f.name, o.name): o.default for o in dataclasses.fields(f.default_factory)})
+    return defaults
+
+
+def method_values(cfg: RunConfig) -> dict[str, Any]:
+    """Every key of every method's own section with its value in ``cfg``: another method's is at its default."""
+    own = {_key(s.section, name): value for s in cfg.method_settings for name, value in dataclasses.asdict(s).items()}
+    return {key: own.get(key, default) for key, default in SETTINGS.items()}
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:
@@ -648,29 +673,38 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
     return value
 
 
+def _checked(key: str, value: Any, option: dataclasses.Field) -> Any:
+    """``value`` of ``key`` with ``option``'s type, among its choices; :class:`ConfigError` naming the key if not."""
+    value = _coerce(key, value, type(option.default))
+    choices = option.metadata["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"run-config key '{key}' is {value!r}; expected one of {', '.join(choices)}")
+    return value
+
+
 def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     """Parse Flower's flat ``run_config``; missing keys take their defaults.
 
     Raises :class:`ConfigError` naming the key for unknown keys, wrong types,
-    values outside their choices and out-of-range numbers.
+    values outside their choices and out-of-range numbers. Imports the chosen
+    ``adapter.method``'s module only: another method's keys must be at their
+    defaults (:data:`fedlora.methods.SETTINGS`).
     """
-    options = dict(iter_options())
-    unknown = sorted(set(run_config) - set(options))
+    choice = next(f for f in dataclasses.fields(AdapterSettings) if f.name == "method")
+    method = get_method(_checked("adapter.method", run_config.get("adapter.method", choice.default), choice))
+    options = dict(iter_options(method))
+    unknown = sorted(set(run_config) - set(options) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
     sections: dict[str, dict[str, Any]] = {}
     for key, opt in options.items():
         section, _, _ = key.rpartition(".")
-        value = _coerce(key, run_config.get(key, opt.default), type(opt.default))
-        choices = opt.metadata["choices"]
-        if choices and value not in choices:
-            raise ConfigError(f"run-config key '{key}' is {value!r}; expected one of {', '.join(choices)}")
-        sections.setdefault(section or "run", {})[opt.name] = value
-    built = {name: settings(**sections[name]) for name, settings in _sections().items()}
-    methods = method_sections()
+        sections.setdefault(section or "run", {})[opt.name] = _checked(key, run_config.get(key, opt.default), opt)
+    built = {name: settings(**sections[name]) for name, settings in _sections(method).items()}
+    own = method.settings.section if method.settings else None
     cfg = RunConfig(
-        **{name: value for name, value in built.items() if name not in methods},
-        method_settings=tuple(built[name] for name in methods),
+        **{name: value for name, value in built.items() if name != own},
+        method_settings=(built[own],) if own else (),
     )
     _check_ranges(cfg)
     _check_applies(cfg, run_config)
@@ -711,7 +745,7 @@ def _check_strategy(cfg: RunConfig) -> None:
             f"run-config key 'strategy.name'='{strategy}' does not apply to adapter.method='{method.name}': "
             f"set strategy.name='{method.strategy}' (the method's federated meaning is that strategy's)"
         )
-    owners = [m.name for m in all_methods() if m.strategy == strategy]
+    owners = [name for name, needed in NEEDS_STRATEGY.items() if needed == strategy]
     if owners and method.name not in owners:
         raise ConfigError(f"run-config key 'strategy.name'='{strategy}' applies only to adapter.method='{owners[0]}'")
     reason = method.refused_strategies.get(strategy)
@@ -722,24 +756,41 @@ def _check_strategy(cfg: RunConfig) -> None:
 
 
 def _check_applies(cfg: RunConfig, run_config: Mapping[str, Any]) -> None:
-    """A method-scoped option changed from its default must apply to the chosen method."""
-    method = cfg.adapter.method
-    options = dict(iter_options())
-    for key, methods in applies_to().items():
-        if method not in methods and run_config.get(key, options[key].default) != options[key].default:
+    """A method-scoped option changed from its default must apply to the chosen method.
+
+    The chosen method's own options apply (unless narrowed to other methods of
+    its section), as do the shared options it ``uses``; every other method's
+    option must stay at its default (and be of its type). Naming the methods an
+    option does apply to imports them all: only on this error path.
+    """
+    method = get_method(cfg.adapter.method)
+    options = dict(iter_options(method))
+    defaults = {**SETTINGS, **{key: option.default for key, option in options.items()}}
+    settings = method.settings
+    own = {_key(settings.section, f.name) for f in dataclasses.fields(settings)} if settings else set()
+    for key, default in defaults.items():
+        if key in own:
+            narrowed = options[key].metadata["methods"]
+            applies = not narrowed or method.name in narrowed
+        elif key in options:
+            applies = not options[key].metadata["scoped"] or key in method.uses
+        else:
+            applies = False  # another method's own option
+        if not applies and _coerce(key, run_config.get(key, default), type(default)) != default:
             raise ConfigError(
-                f"run-config key '{key}' does not apply to adapter.method='{method}' (only to {', '.join(methods)})"
+                f"run-config key '{key}' does not apply to adapter.method='{method.name}' "
+                f"(only to {', '.join(applies_to()[key])})"
             )
-    for key, why in get_method(method).refused_settings.items():
-        if run_config.get(key, options[key].default) != options[key].default:
-            raise ConfigError(f"run-config key '{key}' does not apply to adapter.method='{method}': {why}")
+    for key, why in method.refused_settings.items():
+        if run_config.get(key, defaults[key]) != defaults[key]:
+            raise ConfigError(f"run-config key '{key}' does not apply to adapter.method='{method.name}': {why}")
 
 
 def _check_ranges(cfg: RunConfig) -> None:
     """Every value in its range: each option's declared ``check``, then the chosen method's :meth:`check`."""
     checks = {
         key: option.metadata["check"](_lookup(cfg, key), cfg)
-        for key, option in iter_options()
+        for key, option in iter_options(get_method(cfg.adapter.method))
         if option.metadata["check"]
     }
     for key, ok in get_method(cfg.adapter.method).check(cfg).items():

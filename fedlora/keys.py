@@ -102,6 +102,26 @@ def is_frozen(key: str) -> bool:
     return key.endswith(FROZEN)
 
 
+def is_base_tensor(key: str) -> bool:
+    """Whether a message's tensor ``key`` is written into the receiving party's base instead of trained.
+
+    A residual factor (FLoRA, Delta-LoRA) or a ``@frozen`` base parameter (LISA):
+    the strategy's own, never trained and never sent back. Everything else a
+    message holds is what the receiver trains (:func:`trained_part`).
+    """
+    return is_residual(key) or is_frozen(key)
+
+
+def trained_part(state: Mapping[str, T]) -> dict[str, T]:
+    """The tensors of a message that the receiver trains and sends back: all but its base tensors."""
+    return {key: value for key, value in state.items() if not is_base_tensor(key)}
+
+
+def base_part(state: Mapping[str, T]) -> dict[str, T]:
+    """The tensors of a message that the receiver writes into its base (:func:`is_base_tensor`)."""
+    return {key: value for key, value in state.items() if is_base_tensor(key)}
+
+
 def frozen_key(name: str) -> str:
     """The key parameter ``name`` travels under when it is frozen this round."""
     return name + FROZEN

@@ -3,19 +3,31 @@
 A residual is ``module -> (B, A)`` per adapted module (d×R and R×k). The model
 records, in factors, what it has merged, so a cached model serving many
 messages moves its base from one residual to the next by the difference alone,
-never keeping a copy of its base weights. Kept apart from :mod:`fedlora.adapter`
-so that methods (Delta-LoRA's step hook) can use it without importing the
-method registry back.
+never keeping a copy of its base weights.
+
+This module is the residual's only home. The generic code sees residual
+factors only as *base tensors* of a message (:func:`fedlora.keys.is_base_tensor`:
+written into the base, never trained nor sent back) and reaches this module
+through one hook, :data:`RESIDUAL` (a :class:`fedlora.adapter.BaseHook`): it
+merges a message's residual into the base when the adapter is loaded, and
+writes the saved adapter with the residual stacked into its LoRA factors. It
+imports no method, so methods (Delta-LoRA's step hook) use it without importing
+the method registry back.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import save_file
 from torch import Tensor
 
-from fedlora.keys import RESIDUAL_A, RESIDUAL_B, is_frozen, is_residual
+from fedlora.aggregation import resize_rank
+from fedlora.keys import LORA_A, LORA_B, RESIDUAL_A, RESIDUAL_B, is_frozen, is_residual, lora_pairs, module_of
 from fedlora.validation import InvalidUpdate
 
 _MERGED = "_fedlora_residual"  # model attribute: the residual now added to the base weights
@@ -87,3 +99,58 @@ def add_to_base(
             weight = modules[module].base_layer.weight
             weight += (b.float().to(weight.device) @ a.float().to(weight.device)).to(weight.dtype)
     setattr(model, _MERGED, {m: (b.detach().float().clone(), a.detach().float().clone()) for m, (b, a) in held.items()})
+
+
+def save_stacked(model: PeftModel, folder: Path, residual: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    """``model``'s adapter with ``residual`` stacked in, as one plain LoRA adapter folder (peft's format).
+
+    The residual ``B_res·A_res`` and the adapter ``s·B·A`` of each layer are
+    stacked into factors of rank R (the largest over layers, zero-padded) saved
+    with ``lora_alpha = r = R``, so peft's scaling is 1 and
+    ``PeftModel.from_pretrained`` computes exactly the model trained here.
+    """
+    modules = dict(model.named_modules())
+    adapter = model.active_adapter
+    saved = get_peft_model_state_dict(model)
+    stacked = {}
+    trainable = (name for name, p in model.named_parameters() if p.requires_grad)
+    for a_key, _ in lora_pairs(trainable).values():
+        module = module_of(a_key)
+        scaling = modules[module].scaling[adapter]
+        b, a = (
+            modules[module].lora_B[adapter].weight.detach().cpu(),
+            modules[module].lora_A[adapter].weight.detach().cpu(),
+        )
+        if module in residual:
+            b, a = torch.cat([residual[module][0], scaling * b], 1), torch.cat([residual[module][1], a], 0)
+        else:
+            b = scaling * b
+        stacked[module] = (b, a)
+    rank = max(a.shape[0] for _, a in stacked.values())
+    for module, (b, a) in stacked.items():
+        b, a = resize_rank(b, a, rank)
+        saved[f"{module}{LORA_B}weight"], saved[f"{module}{LORA_A}weight"] = b.contiguous(), a.contiguous()
+    model.save_pretrained(folder)  # the config, README and any modules_to_save, then the factors replaced
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in saved.items()}, folder / "adapter_model.safetensors", {"format": "pt"})
+
+
+class ResidualHook:
+    """The residual as a :class:`fedlora.adapter.BaseHook`: merged into the base on load, stacked in on save."""
+
+    def load(self, model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+        """Merge ``state``'s residual into ``model``'s base (:func:`set_residual`); none: remove a merged one."""
+        set_residual(model, split_residual(state)[1])
+
+    def save(self, model: PeftModel, folder: Path) -> bool:
+        """With a residual merged into the base, write the stacked adapter (:func:`save_stacked`); else nothing."""
+        residual = merged_residual(model)
+        if residual:
+            save_stacked(model, folder, residual)
+        return bool(residual)
+
+
+RESIDUAL = ResidualHook()
+"""The hook :mod:`fedlora.adapter` registers for residual base tensors."""

@@ -143,10 +143,11 @@ def _build_workbench(cfg: RunConfig, task: str, num_labels: int) -> Workbench:
 
 
 def model_key(cfg: RunConfig, task: str, num_labels: int) -> tuple[Any, ...]:
-    """What decides the cached model: the base, the adapter and every method's own settings, seed and schedule.
+    """What decides the cached model: the base, the adapter and the method's own settings, seed and schedule.
 
-    Every method's section is part of it (``cfg.method_settings``, whatever the
-    method), so a method's new setting can never be forgotten here; a setting that
+    The chosen method's section is part of it (``cfg.method_settings``, whatever
+    the method; another method's is at its defaults and ``adapter.method`` is in
+    the key), so a method's new setting can never be forgotten here; a setting that
     only steers training (``loraplus.lr-ratio``) merely makes the key finer than it
     needs to be, and one configuration serves a whole run.
     """

@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass, field
 
 from fedlora import runtime
-from fedlora.adapter import adapter_state, split_residual
+from fedlora.adapter import adapter_state
 from fedlora.config import from_run_config
+from fedlora.keys import trained_part
 from fedlora.methods import METHODS, get_method
 from fedlora.selection import is_selectable
 from simulations.inprocess import run_in_process
@@ -139,7 +140,7 @@ def run_method(profile: Profile, method: str, seed: int) -> dict[str, object]:
     if is_selectable(model):  # LISA: what round 1 trains, not all it may train
         strategy = build_strategy(cfg)
         strategy.global_state, strategy.current_round = state, 1
-        state = split_residual(strategy.message_state())[0]
+        state = trained_part(strategy.message_state())
     return {
         "method": method,
         "seed": seed,

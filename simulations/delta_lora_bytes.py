@@ -17,9 +17,9 @@ import argparse
 import torch
 
 from fedlora import runtime
-from fedlora.adapter import adapter_state, split_residual
+from fedlora.adapter import adapter_state
 from fedlora.config import from_run_config
-from fedlora.keys import RESIDUAL_A
+from fedlora.keys import RESIDUAL_A, trained_part
 from fedlora.wire import record_nbytes, to_record
 from strategies import DeltaLoRA
 
@@ -41,7 +41,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for server_round in range(1, args.rounds + 1):
         down = record_nbytes(to_record(strategy.global_state, cfg.wire.dtype))
-        sent, _ = split_residual(strategy.global_state)
+        sent = trained_part(strategy.global_state)
         replies = [
             {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in sent.items()} for _ in range(args.clients)
         ]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 
 from fedlora import runtime
-from fedlora.adapter import adapter_state, split_residual
+from fedlora.adapter import adapter_state
 from fedlora.config import from_run_config
+from fedlora.keys import trained_part
 from fedlora.layerwise import layers_trained_before, sample_layers
 from fedlora.wire import record_nbytes, to_record
 from strategies import LISA
@@ -45,7 +46,7 @@ def main() -> None:
         strategy.current_round = server_round
         message = strategy.message_state()
         down = record_nbytes(to_record(message, cfg.wire.dtype))
-        up = record_nbytes(to_record(split_residual(message)[0], cfg.wire.dtype))
+        up = record_nbytes(to_record(trained_part(message), cfg.wire.dtype))
         plan = strategy.plan()
         layers = ",".join(map(str, sample_layers(*plan)))
         before = len(layers_trained_before(*plan))

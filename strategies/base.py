@@ -79,11 +79,21 @@ from torch import Tensor
 from fedlora.aggregators import NOT_A_MEAN, AggregateResult, Aggregator
 from fedlora.cohort import protocol
 from fedlora.config import ConfigError, DPSettings, RunConfig, RunSettings, SecAggSettings, StrategySettings
-from fedlora.keys import ARRAYS, CONFIG, NUM_EXAMPLES, PROFILE_QUESTION, RANK_KEY, SERVER_ROUND, TASK_KEY, is_lora_a
+from fedlora.keys import (
+    ARRAYS,
+    CONFIG,
+    NUM_EXAMPLES,
+    PROFILE_QUESTION,
+    RANK_KEY,
+    SERVER_ROUND,
+    TASK_KEY,
+    base_part,
+    is_lora_a,
+    trained_part,
+)
 from fedlora.privacy import dp
 from fedlora.privacy.rounds import SecureRound
 from fedlora.privacy.secagg import ProtocolError
-from fedlora.residual import split_residual
 from fedlora.robust import average_metrics, capped_weights, robust_states, update_norm
 from fedlora.server_opt import Moments, ServerOptimizer, server_step
 from fedlora.validation import InvalidUpdate, check_record_size, check_state, check_weight
@@ -190,8 +200,8 @@ class AdapterStrategy(FedAvg):
         return ""
 
     def server_keys(self) -> list[str]:
-        """The tensors the server optimiser steps (default: every tensor of the global adapter but a residual)."""
-        return list(split_residual(self.global_state)[0])
+        """The tensors the server optimiser steps (default: every tensor the clients train, not base tensors)."""
+        return list(trained_part(self.global_state))
 
     @classmethod
     def sum_refusal(cls, cfg: RunConfig) -> str:
@@ -211,10 +221,10 @@ class AdapterStrategy(FedAvg):
     def sum_groups(self) -> list[list[str]]:
         """The tensors a secure (or DP) sum adds up, in groups each summed over the clients sent it, in order.
 
-        Default: one group, every tensor the clients are sent (the residual is
-        the server's own and never comes back).
+        Default: one group, every tensor the clients are sent to train (base
+        tensors, such as FLoRA's residual, are the server's own and never come back).
         """
-        return [list(split_residual(self.global_state)[0])]
+        return [list(trained_part(self.global_state))]
 
     def aggregate_states(
         self, server_round: int, states: list[dict[str, Tensor]], weights: list[float]
@@ -305,7 +315,7 @@ class AdapterStrategy(FedAvg):
             if profile not in encoded:
                 state = self.client_state(profile) if profile else self.message_state()
                 record = arrays if state is self.global_state else to_record(state, self.wire_dtype)
-                encoded[profile] = (split_residual(state)[0], record)
+                encoded[profile] = (trained_part(state), record)
             return encoded[profile]
 
         return encode
@@ -656,12 +666,14 @@ class AdapterStrategy(FedAvg):
         return state, weight
 
     def _check_global(self, new_state: dict[str, Tensor]) -> None:
-        """The new global adapter has the old one's tensors and shapes (a residual may change rank), all finite."""
-        new, new_residual = split_residual(new_state)
-        check_state(new, split_residual(self.global_state)[0])
-        for module, factors in new_residual.items():
-            if not all(torch.isfinite(f).all() for f in factors):
-                raise InvalidUpdate(f"residual of '{module}' contains NaN or Inf")
+        """The new global adapter trains the old one's tensors and shapes (base tensors may change shape), all finite.
+
+        A base tensor (FLoRA's residual) grows in rank, so only its values are checked.
+        """
+        check_state(trained_part(new_state), trained_part(self.global_state))
+        for key, tensor in base_part(new_state).items():
+            if not torch.isfinite(tensor).all():
+                raise InvalidUpdate(f"'{key}' contains NaN or Inf")
 
     def _exclude(self, server_round: int, reply: ClientReply, reason: str) -> None:
         self._exclude_client(server_round, reply.client, reason)

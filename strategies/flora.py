@@ -12,7 +12,8 @@ its LoRA module. Here, as the base never travels:
 * the server keeps the sum of all rounds' updates as a **residual**
   ``B_res·A_res`` per layer (re-compressed without loss to its numerical rank,
   :func:`fedlora.aggregation.compact`) and sends it in every message; each
-  party adds it to its frozen base weight (:func:`fedlora.residual.set_residual`);
+  party adds it to its frozen base weight (:data:`fedlora.residual.RESIDUAL`, the hook
+  that merges it when a message is loaded);
 * the LoRA factors it sends are **fresh**: B = 0 and A drawn as peft draws it
   (uniform ±1/√k), seeded by the round, so the model a client starts from is
   exactly base + residual;

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ from fedlora.config import (
     markdown_reference,
     method_sections,
 )
-from fedlora.methods import METHODS, all_methods
+from fedlora.methods import METHODS, NEEDS_STRATEGY, SETTINGS, all_methods
 from strategies import build_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,21 +107,56 @@ def _changed(value: Any) -> Any:
 
 
 def test_the_model_cache_key_covers_every_setting_that_builds_the_model() -> None:
-    """Changing the base's, the adapter's or any method's own setting changes the worker's cache key.
+    """Changing the base's, the adapter's or the chosen method's own setting changes the worker's cache key.
 
     A key that missed one would hand a worker a model built with the old value
-    (nothing fails: it silently trains the wrong adapter).
+    (nothing fails: it silently trains the wrong adapter). Another method's
+    section is not in a run config (parsing keeps it at its defaults), and the
+    method itself is ``adapter.method``, part of the key.
     """
     cfg = from_run_config({})
-    key = runtime.model_key(cfg, "causal-lm", 0)
     for section in ("model", "adapter", *method_sections()):
         settings = getattr(cfg, section)
+        own = section in method_sections()  # held as a run of a method owning this section holds it
+        held = dataclasses.replace(cfg, method_settings=(settings,)) if own else cfg
+        key = runtime.model_key(held, "causal-lm", 0)
         for option in dataclasses.fields(settings):
             changed = dataclasses.replace(settings, **{option.name: _changed(getattr(settings, option.name))})
-            if section in method_sections():
-                sections = tuple(changed if s is settings else s for s in cfg.method_settings)
-                other = dataclasses.replace(cfg, method_settings=sections)
+            if own:
+                other = dataclasses.replace(held, method_settings=(changed,))
             else:
-                other = dataclasses.replace(cfg, **{section: changed})
+                other = dataclasses.replace(held, **{section: changed})
             assert getattr(other, section) == changed
             assert runtime.model_key(other, "causal-lm", 0) != key, f"{section}.{option.name} is not in the cache key"
+
+
+def test_the_registrys_plain_declarations_are_the_methods_own() -> None:
+    """What parsing reads of the methods it does not import (their keys, defaults, strategies) is what they declare."""
+    declared = [(key, option.default) for key, option in iter_options() if key.partition(".")[0] in method_sections()]
+    assert list(SETTINGS.items()) == declared
+    assert NEEDS_STRATEGY == {m.name: m.strategy for m in all_methods() if m.strategy}
+
+
+def test_parsing_imports_only_the_chosen_method() -> None:
+    """A run config holds every method's keys; parsing the default one imports LoRA's module, no other method's."""
+    script = (
+        "import sys\n"
+        "from fedlora.config import default_run_config, from_run_config\n"
+        "from_run_config(default_run_config())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('fedlora.methods.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    loaded = ast.literal_eval(out.strip().splitlines()[-1])
+    assert "fedlora.methods.lisa" not in loaded and "fedlora.methods.qlora" not in loaded
+    assert loaded == ["fedlora.methods.base", "fedlora.methods.lora"]
+
+
+def test_another_methods_key_is_checked_without_its_module() -> None:
+    """Known, of the right type and at its default, or refused naming the key and the methods it applies to."""
+    assert from_run_config({"loramoe.experts": 4}).adapter.method == "lora"
+    refused = "run-config key 'loramoe.experts' does not apply to adapter.method='lora' (only to loramoe)"
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        from_run_config({"loramoe.experts": 2})
+    with pytest.raises(ConfigError, match=r"'qlora\.double-quant' must be bool"):
+        from_run_config({"qlora.double-quant": "yes"})
+    assert from_run_config({}).lisa.layers == 2  # another method's section reads as its defaults

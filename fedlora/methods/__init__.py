@@ -9,7 +9,11 @@ apps, the strategies or :mod:`fedlora.config` (docs/methods.md lists the steps).
 The registry is lazy: it maps a name to where its class lives, and a method's
 module is imported on first :func:`get_method`, so this package imports nothing
 itself and :mod:`fedlora.config` can import it without a cycle (method modules
-import the config in turn).
+import the config in turn). Parsing a run config imports only the chosen
+method: Flower passes every key of every method, so what the parser needs to
+know of the others (their keys and defaults, :data:`SETTINGS`, and the strategy
+a method claims, :data:`NEEDS_STRATEGY`) is declared here as plain data, and
+``tests/test_config.py`` checks it against the modules' own declarations.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import importlib
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -47,6 +51,44 @@ METHODS: dict[str, str] = {
 }
 """Every ``adapter.method``: its name, and the ``module:Class`` that implements it (imported on first use)."""
 
+SETTINGS: dict[str, Any] = {
+    "qlora.double-quant": True,
+    "qlora.compute-dtype": "float32",
+    "loraplus.lr-ratio": 16.0,
+    "adalora.target-r": 4,
+    "adalora.tinit": 0,
+    "adalora.tfinal": 0,
+    "adalora.delta-t": 1,
+    "adalora.orth-reg-weight": 0.5,
+    "mtlora.task-r": 4,
+    "mtlora.task-modules": "o_proj,down_proj",
+    "mtlora.task-layers": 2,
+    "loramoe.experts": 4,
+    "loramoe.top-k": 2,
+    "deltalora.update-ratio": 0.5,
+    "longlora.group-size": 0,
+    "longlora.trainable-modules": "embed_tokens,norm",
+    "loradrop.warmup-rounds": 1,
+    "loradrop.threshold": 0.9,
+    "loradrop.keep-layers": 0,
+    "loradrop.sample-batches": 4,
+    "prompt.num-virtual-tokens": 16,
+    "prompt.encoder-hidden-size": 128,
+    "bottleneck.size": 16,
+    "bottleneck.activation": "relu",
+    "lisa.layers": 2,
+    "lisa.period": 1,
+}
+"""Every key of the methods' own sections (``AdapterMethod.settings``) with its default, in the reference's order.
+
+A copy of the modules' declarations, so that a run config's keys of the
+methods it does not choose are checked (known, at their defaults) without
+importing them; a test keeps the two equal.
+"""
+
+NEEDS_STRATEGY: dict[str, str] = {"delta-lora": "delta-lora", "lora-drop": "lora-drop", "lisa": "lisa"}
+"""``AdapterMethod.strategy`` of each method that has one: the strategy serves that method only (a copy, as above)."""
+
 
 @cache
 def get_method(name: str) -> AdapterMethod:
@@ -75,4 +117,4 @@ def load_saved(base: PreTrainedModel, folder: Path) -> PeftModel:
     return method.from_pretrained(base, folder)
 
 
-__all__ = ["METHODS", "all_methods", "get_method", "load_saved"]
+__all__ = ["METHODS", "NEEDS_STRATEGY", "SETTINGS", "all_methods", "get_method", "load_saved"]

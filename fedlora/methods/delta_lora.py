@@ -19,7 +19,7 @@ aggregate as LoRA's. On the client, the step hook adds each step's delta to
 the base in place and keeps an exact factor account of what the base now holds
 (:func:`fedlora.residual.add_to_base`), so the next message resets a cached
 model's base to ``W0 + residual`` as FLoRA's does. The saved adapter is
-residual and LoRA stacked into one peft LoRA (:func:`fedlora.adapter.save_adapter_files`).
+residual and LoRA stacked into one peft LoRA (:func:`fedlora.residual.save_stacked`).
 """
 
 from __future__ import annotations
