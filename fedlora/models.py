@@ -208,9 +208,15 @@ def load_base_model(
 ) -> PreTrainedModel:
     """Load the frozen base for ``task`` on :func:`device` (a fresh head of ``num_labels`` unless causal LM).
 
-    Weights are float32 unless ``quantization`` (bitsandbytes) says otherwise.
-    The model's own code runs only inside :func:`remote_code` (``True``).
+    Weights are float32 unless ``quantization`` (bitsandbytes, an optional
+    dependency: ``pip install 'fedlora[quant]'``) says otherwise. The model's
+    own code runs only inside :func:`remote_code` (``True``).
     """
+    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "a quantised base (adapter.method='qlora' or model.load-in-8bit=true) needs bitsandbytes, an optional "
+            "dependency: pip install 'fedlora[quant]'"
+        )
     kwargs = {
         "dtype": torch.float32,
         "quantization_config": quantization,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
-from transformers import dynamic_module_utils
+from transformers import BitsAndBytesConfig, dynamic_module_utils
 
 from fedlora import runtime
-from fedlora.config import from_run_config
-from fedlora.models import ModelNotFoundError, load_base_model, load_tokenizer, model_dir, resolve_task
+from fedlora.config import ConfigError, from_run_config
+from fedlora.models import CAUSAL_LM, ModelNotFoundError, load_base_model, load_tokenizer, model_dir, resolve_task
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -49,6 +50,17 @@ def test_missing_model_path_is_a_clear_error(tmp_path) -> None:
         model_dir("/no/such/model")
     with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         model_dir(str(tmp_path))
+
+
+def test_a_quantised_base_without_bitsandbytes_names_the_extra(tiny_llama: Path, monkeypatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
+    with pytest.raises(
+        ConfigError, match=r"needs bitsandbytes, an optional dependency: pip install 'fedlora\[quant\]'"
+    ):
+        load_base_model(tiny_llama, CAUSAL_LM, 0, BitsAndBytesConfig(load_in_4bit=True))
 
 
 def test_unreadable_model_folder_is_a_clear_error(tmp_path) -> None:
