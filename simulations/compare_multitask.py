@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import matplotlib
@@ -30,8 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from simulations.inprocess import timed_run
-from simulations.pool import run_jobs
+from simulations.inprocess import run_seeded
 from simulations.results import machine, mean_std, page_header, plot_band
 from simulations.run import ROOT
 
@@ -97,19 +95,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "multitask-comparison")
     args = parser.parse_args()
 
-    results: dict[str, dict[int, list[dict]]] = {label: {} for label in SETTINGS}
-    walls: dict[str, list[float]] = {label: [] for label in SETTINGS}
-    jobs = {(label, seed): (overrides(label, seed, args), args.clients) for label in SETTINGS for seed in args.seeds}
-
-    def done(key: tuple[str, int], result: tuple[list[dict], float]) -> None:
-        (label, seed), (rounds, wall) = key, result
-        results[label][seed] = rounds
-        walls[label].append(wall)
-        print(f"[{wall:.0f}s] {label} seed {seed}: {per_task(rounds, 'eval-loss')}", flush=True)
-
-    started = time.monotonic()
-    run_jobs(jobs, timed_run, done, args.workers)
-    wall = time.monotonic() - started
+    configs = {(label, seed): overrides(label, seed, args) for label in SETTINGS for seed in args.seeds}
+    seeded = run_seeded(configs, args.clients, args.workers, lambda rounds: per_task(rounds, "eval-loss"))
+    results, walls = seeded.runs, seeded.walls
 
     setup = {
         **{k.replace("_", "-"): v for k, v in vars(args).items() if k not in ("out", "seeds")},
@@ -132,7 +120,7 @@ def main() -> None:
     plt.close(fig)
     lines = [
         *page_header("Multi-task federation compared", "compare_multitask", setup),
-        f"Wall time of this page: {wall / 60:.1f} min.",
+        f"Wall time of this page: {seeded.wall / 60:.1f} min.",
         "",
         "Client-side eval loss (answer tokens) per task after each round, mean over that task's clients, then "
         "mean over the seeds (± std of the last round):",
@@ -162,7 +150,7 @@ def main() -> None:
             lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines += ["", f"![client eval loss per task]({args.out.with_suffix('.png').name})"]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out.with_suffix('.md')} in {wall / 60:.1f} min")
+    print(f"wrote {args.out.with_suffix('.md')} in {seeded.wall / 60:.1f} min")
 
 
 if __name__ == "__main__":

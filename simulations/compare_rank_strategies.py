@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import matplotlib
@@ -23,8 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from simulations.inprocess import timed_run
-from simulations.pool import run_jobs
+from simulations.inprocess import run_seeded
 from simulations.results import machine, mean_std, page_header, plot_band
 from simulations.run import ROOT
 
@@ -134,19 +132,9 @@ def main() -> None:
     args = parser.parse_args()
 
     labels = args.strategies.split(",")
-    results: dict[str, dict[int, list[dict]]] = {label: {} for label in labels}
-    walls: dict[str, list[float]] = {label: [] for label in labels}
-    jobs = {(label, seed): (overrides(label, seed, args), args.clients) for label in labels for seed in args.seeds}
-
-    def done(key: tuple[str, int], result: tuple[list[dict], float]) -> None:
-        (label, seed), (rounds, wall) = key, result
-        results[label][seed] = rounds
-        walls[label].append(wall)
-        print(f"[{wall:.0f}s] {label} seed {seed}: {accuracy(rounds)}", flush=True)
-
-    started = time.monotonic()
-    run_jobs(jobs, timed_run, done, args.workers)
-    wall = time.monotonic() - started
+    configs = {(label, seed): overrides(label, seed, args) for label in labels for seed in args.seeds}
+    seeded = run_seeded(configs, args.clients, args.workers, accuracy)
+    results, walls = seeded.runs, seeded.walls
 
     setup = {
         **{k.replace("_", "-"): v for k, v in vars(args).items() if k not in ("strategies", "out", "seeds")},
@@ -159,7 +147,7 @@ def main() -> None:
     plot(results, args.out.with_suffix(".png"))
     lines = [
         *page_header("Mixed-rank strategies compared", "compare_rank_strategies", setup),
-        f"Wall time of this page: {wall / 60:.1f} min.",
+        f"Wall time of this page: {seeded.wall / 60:.1f} min.",
         "",
         "Central test accuracy, mean ± std over the seeds:",
         "",
@@ -177,7 +165,7 @@ def main() -> None:
         )
     lines += ["", *verdicts(results), "", f"![accuracy and download per round]({args.out.with_suffix('.png').name})"]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out.with_suffix('.md')} in {wall / 60:.1f} min")
+    print(f"wrote {args.out.with_suffix('.md')} in {seeded.wall / 60:.1f} min")
 
 
 if __name__ == "__main__":

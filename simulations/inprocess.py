@@ -26,8 +26,9 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.config import default_run_config
+from simulations.pool import run_jobs
 
 RUN_ID = 1
 FIRST_NODE_ID = 1001  # node ids of the virtual nodes: FIRST_NODE_ID + partition id
@@ -168,6 +170,39 @@ def timed_run(job: tuple[Mapping[str, Any], int]) -> tuple[list[dict], float]:
     started = time.monotonic()
     rounds = run_in_process(*job)
     return rounds, time.monotonic() - started
+
+
+@dataclass
+class Seeded:
+    """What :func:`run_seeded` ran: every run's rounds and wall seconds by setting, and the wall time of it all."""
+
+    runs: dict[str, dict[int, list[dict]]]  # setting -> seed -> metrics.json's rounds
+    walls: dict[str, list[float]]  # setting -> wall seconds of each of its runs
+    wall: float
+
+
+def run_seeded(
+    configs: Mapping[tuple[str, int], Mapping[str, Any]],
+    nodes: int,
+    workers: int,
+    summary: Callable[[list[dict]], object],
+) -> Seeded:
+    """Run each ``(setting, seed)``'s run config on ``nodes`` in-process nodes, ``workers`` runs side by side.
+
+    Prints ``summary(rounds)`` as each run ends, so a long comparison shows its progress.
+    """
+    seeded = Seeded({setting: {} for setting, _ in configs}, {setting: [] for setting, _ in configs}, 0.0)
+
+    def done(key: tuple[str, int], result: tuple[list[dict], float]) -> None:
+        (setting, seed), (rounds, wall) = key, result
+        seeded.runs[setting][seed] = rounds
+        seeded.walls[setting].append(wall)
+        print(f"[{wall:.0f}s] {setting} seed {seed}: {summary(rounds)}", flush=True)
+
+    started = time.monotonic()
+    run_jobs({key: (config, nodes) for key, config in configs.items()}, timed_run, done, workers)
+    seeded.wall = time.monotonic() - started
+    return seeded
 
 
 def main() -> None:
