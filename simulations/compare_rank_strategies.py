@@ -63,7 +63,8 @@ def overrides(label: str, seed: int, args: argparse.Namespace) -> dict[str, obje
 
 def accuracy(rounds: list[dict]) -> list[tuple[int, float]]:
     """(round, central test accuracy) of every evaluated round."""
-    return [(r["round"], r["server-eval"]["eval-accuracy"]) for r in rounds if "eval-accuracy" in r["server-eval"]]
+    evaluated = [r for r in rounds if "eval-accuracy" in r.get("server-eval", {})]
+    return [(r["round"], r["server-eval"]["eval-accuracy"]) for r in evaluated]
 
 
 def per_round(runs: dict[int, list[dict]]) -> list[tuple[int, float, float]]:
