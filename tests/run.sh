@@ -7,8 +7,8 @@
 #   bash tests/run.sh -n 0 -k wire     # one process, selected tests
 # Markers (pyproject.toml): `e2e`, `slow` for anything over about 10 seconds on 2 cores, and `multihost` for the
 # tests across hosts made with network namespaces (root or CAP_NET_ADMIN; skipped without): `-m multihost`.
-# Measured 2026-11-26 on 2 quiet cores (venv already set up): everything, 16 min 39 s (446 passed, 1 skipped);
-# fast tier, 401 tests in 71 s. Test workers use one torch thread each (tests/conftest.py).
+# Measured 2026-11-26 on 2 quiet cores (venv already set up): everything, 15 min 43 s with setup (453 passed,
+# 1 skipped); fast tier, 408 tests (401 took 71 s). Test workers use one torch thread each (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash setup.sh
