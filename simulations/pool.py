@@ -41,7 +41,7 @@ def run_jobs(
     ``work`` must be a module-level function (it is pickled to a spawned
     process). A job is not started once ``stop()`` is true: the keys of those
     jobs are returned, so a benchmark can say what it left out. An exception in
-    a job is raised here, after the running jobs are cancelled.
+    a job is raised here once the jobs already running have ended; no other job starts.
     """
     queue, left = list(jobs), []
     running: dict[Future[Result], Key] = {}
