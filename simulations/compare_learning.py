@@ -47,7 +47,6 @@ import matplotlib.pyplot as plt
 import torch
 
 from fedlora import runtime
-from fedlora.adapter import load_adapter_state
 from fedlora.centralised import run_centralised
 from fedlora.config import from_run_config
 from simulations.inprocess import run_in_process
@@ -188,12 +187,9 @@ def run_one(job: tuple[Setting, int, float, argparse.Namespace]) -> list[tuple[i
     setting, seed, lr, args = job
     config = overrides(setting, seed, lr, args)
     shutil.rmtree(config["output-dir"], ignore_errors=True)  # a per-client store left by an earlier run
-    cfg = from_run_config(config)
-    bench = runtime.workbench(cfg)
-    load_adapter_state(bench.model, bench.initial)  # the process's cached model may hold the last run's adapter
-    started = time.monotonic()
+    started = time.monotonic()  # both runners start from the workbench's initial adapter, whatever ran before
     if setting.split == "centralised":
-        rounds = run_centralised(cfg, args.clients)
+        rounds = run_centralised(from_run_config(config), args.clients)
     else:
         rounds = run_in_process(config, args.clients)
     curve = accuracy_curve(rounds, setting.strategy in PERSONAL)
